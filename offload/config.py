@@ -1,0 +1,89 @@
+"""OffloadConfig: every option of the engine, validated once, frozen afterwards."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+
+import torch
+
+from offload.errors import OffloadError
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+STORES = ("ram", "disk")
+
+
+def parse_bytes(value: int | str) -> int:
+    """'2GiB', '512MB', '1.5 GB' or an int -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise OffloadError(f"cannot read {value!r} as a size; write it like 2GiB, 512MB or 1000000")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_dtype(value: str | torch.dtype) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        if value in DTYPES.values():
+            return value
+    elif str(value).removeprefix("torch.") in DTYPES:
+        return DTYPES[str(value).removeprefix("torch.")]
+    raise OffloadError(f"unsupported dtype {value!r}; use bfloat16, float16 or float32")
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """How experts are stored, cached and computed. Everything else about the model is transformers' business."""
+
+    device: str = "cpu"                 # where resident experts live and compute runs: cpu, cuda, cuda:N
+    dtype: str | torch.dtype = "bfloat16"  # model and dense expert records; as transformers' `dtype`
+    store: str = "ram"                  # ram: read the checkpoint's safetensors on demand (mmap); disk: converted store
+    store_dir: str | None = None        # where the disk store lives (required for store="disk")
+    bits: int | str | dict | None = None  # expert format: None/16 dense, 8, 4, 3, 2, "ternary", or per-layer dict
+    cache_experts: int | None = None    # resident expert slots (global across layers)
+    cache_memory: int | str | None = None  # or a byte budget for the slots: 2GiB, 512MB...
+    policy: str = "lru"                 # eviction policy (cache.POLICIES)
+    predictor: str | None = None        # expert predictor for prefetch (predictors.PREDICTORS); None = demand only
+    lookahead: int = 1                  # how many MoE layers ahead the predictor looks
+    prefetch_width: int | None = None   # experts prefetched per predicted layer (default: top_k)
+    trace: bool = False                 # record routing (experts and weights per token and layer)
+    verify: bool = True                 # check each record's checksum when it is read from the disk store
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
+            raise OffloadError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
+            raise OffloadError("device='cuda' was asked for but torch sees no CUDA GPU; use device='cpu'")
+        if self.store not in STORES:
+            raise OffloadError(f"store must be one of {', '.join(STORES)}, got {self.store!r}")
+        if self.store == "disk" and not self.store_dir:
+            raise OffloadError("store='disk' needs store_dir=PATH (where the converted expert store is kept)")
+        if self.cache_experts is not None and self.cache_memory is not None:
+            raise OffloadError("give either cache_experts or cache_memory, not both")
+        if self.cache_experts is not None and (not isinstance(self.cache_experts, int) or self.cache_experts < 1):
+            raise OffloadError(f"cache_experts must be a positive integer, got {self.cache_experts!r}")
+        if self.cache_memory is not None:
+            object.__setattr__(self, "cache_memory", parse_bytes(self.cache_memory))
+            if self.cache_memory <= 0:
+                raise OffloadError("cache_memory must be positive, e.g. 2GiB")
+        if not 1 <= self.lookahead <= 8:
+            raise OffloadError(f"lookahead must be between 1 and 8, got {self.lookahead}")
+        if self.prefetch_width is not None and self.prefetch_width < 1:
+            raise OffloadError(f"prefetch_width must be at least 1, got {self.prefetch_width}")
+        from cache import POLICIES  # late: keeps `offload.config` importable alone
+
+        if self.policy not in POLICIES:
+            raise OffloadError(f"unknown policy {self.policy!r}; choose one of: {', '.join(sorted(POLICIES))}")
+
+    @classmethod
+    def from_options(cls, **options) -> OffloadConfig:
+        """Like OffloadConfig(**options), but an unknown option is an OffloadError naming the valid ones."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise OffloadError(f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(names))}")
+        return cls(**options)

@@ -1,0 +1,140 @@
+"""Streaming, resumable conversion: checkpoint experts -> a DiskStore, one expert at a time.
+
+Memory stays at one record plus fixed overhead whatever the model size. The data file grows as
+`experts.bin.partial`; `journal.json` (rewritten atomically) says how many records are final and their
+checksums. Kill it anywhere and rerun: it truncates to the journal and goes on, and the finished store is
+byte-identical to an uninterrupted run. `index.json`, written last and atomically, is what makes a
+store valid.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from offload.errors import OffloadError
+from offload.layout import ExpertLayout
+from offload.source import CheckpointSource, Key
+from offload.store import DATA, INDEX, STORE_VERSION, DiskStore
+
+JOURNAL = "journal.json"
+PARTIAL = DATA + ".partial"
+
+# A record encoder: key -> (format name, layout, record tensors). The dense one is the identity.
+Encoder = Callable[[Key, dict[str, torch.Tensor]], tuple[str, ExpertLayout, dict[str, torch.Tensor]]]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def open_or_convert(source: CheckpointSource, store_dir: Path, settings: dict, encoder: Encoder | None = None,
+                    record_bytes: int | None = None, progress: bool = True, verify: bool = True) -> DiskStore:
+    """Reuse the store in `store_dir` if it was made from this checkpoint with these settings, else build it."""
+    store_dir = Path(store_dir)
+    fingerprint = source.fingerprint()
+    if (store_dir / INDEX).exists():
+        index = json.loads((store_dir / INDEX).read_text())
+        if index.get("fingerprint") != fingerprint:
+            raise OffloadError(f"store {store_dir} was made from a different checkpoint; use another store_dir or "
+                               f"delete {store_dir} to rebuild it")
+        if index.get("settings") != settings:
+            raise OffloadError(f"store {store_dir} was made with settings {index.get('settings')}, not {settings}; "
+                               f"use another store_dir or delete {store_dir} to rebuild it")
+        return DiskStore(store_dir, verify=verify)
+    convert(source, store_dir, settings, encoder, record_bytes, progress)
+    return DiskStore(store_dir, verify=verify)
+
+
+def convert(source: CheckpointSource, store_dir: Path, settings: dict, encoder: Encoder | None = None,
+            record_bytes: int | None = None, progress: bool = True) -> Path:
+    """Write the store; resumes a previous interrupted run with the same checkpoint and settings."""
+    store_dir = Path(store_dir)
+    if store_dir.exists() and not store_dir.is_dir():
+        raise OffloadError(f"store_dir {store_dir} exists and is not a directory; choose another store_dir")
+    store_dir.mkdir(parents=True, exist_ok=True)
+    encoder = encoder or (lambda key, t: (settings.get("format", "dense"), source.layout, t))
+    record_bytes = record_bytes or source.layout.nbytes
+    keys = source.keys()
+    head = {"version": STORE_VERSION, "fingerprint": source.fingerprint(), "settings": settings,
+            "record_bytes": record_bytes, "num_records": len(keys)}
+    journal_path, partial = store_dir / JOURNAL, store_dir / PARTIAL
+    journal = {**head, "layouts": {}, "records": []}
+    if journal_path.exists():
+        old = json.loads(journal_path.read_text())
+        if {k: old.get(k) for k in head} == head:
+            journal = old
+            if not partial.exists() and (store_dir / DATA).exists():  # killed between the final rename and index
+                os.replace(store_dir / DATA, partial)
+    done = len(journal["records"])
+    buf = torch.zeros(record_bytes, dtype=torch.uint8)
+    mode = "r+b" if partial.exists() and done else "wb"
+    try:
+        with open(partial, mode) as f, _progress(progress, len(keys) * record_bytes, done * record_bytes) as bar:
+            f.truncate(done * record_bytes)
+            f.seek(done * record_bytes)
+            last_sync = time.monotonic()
+            for i in range(done, len(keys)):
+                key = keys[i]
+                fmt, layout, tensors = encoder(key, source.read(key))
+                buf.zero_()
+                layout.pack(tensors, buf[: layout.nbytes])
+                data = memoryview(buf.numpy())
+                f.write(data)
+                journal["layouts"].setdefault(fmt, layout.to_json())
+                journal["records"].append([key[0], key[1], fmt, zlib.crc32(data), None])
+                bar(record_bytes)
+                if time.monotonic() - last_sync > 1.0 or i == len(keys) - 1:
+                    f.flush()
+                    os.fsync(f.fileno())
+                    atomic_write_text(journal_path, json.dumps(journal))
+                    last_sync = time.monotonic()
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OffloadError(f"disk full while writing the expert store in {store_dir} (needs "
+                               f"{len(keys) * record_bytes / 2**20:.0f} MiB); free space or choose another "
+                               f"store_dir, then rerun to resume") from None
+        raise
+    os.replace(partial, store_dir / DATA)
+    atomic_write_text(store_dir / INDEX, json.dumps({k: v for k, v in journal.items()}))
+    journal_path.unlink()
+    return store_dir
+
+
+class _progress:
+    """A rich progress bar with MB/s, or nothing when progress=False."""
+
+    def __init__(self, enabled: bool, total: int, completed: int) -> None:
+        self.enabled, self.total, self.completed = enabled, total, completed
+
+    def __enter__(self) -> Callable[[int], None]:
+        if not self.enabled:
+            return lambda n: None
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+
+        self._bar = Progress(TextColumn("converting experts"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                             TimeRemainingColumn(), transient=True)
+        self._bar.start()
+        task = self._bar.add_task("convert", total=self.total, completed=self.completed)
+        return lambda n: self._bar.advance(task, n)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self._bar.stop()
+
+
+def remove_store(store_dir: Path) -> None:
+    shutil.rmtree(store_dir, ignore_errors=True)

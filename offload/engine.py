@@ -1,0 +1,114 @@
+"""Engine: one MoE layer's step, top to bottom.
+
+route (already done by transformers) -> predict the next layers' experts and submit prefetches ->
+fetch this layer's experts (demand-load on a miss; this layer's keys are pinned) -> expert FFN from slot
+views -> weighted combine with eager numerics (per-expert matmul, index_add_ in the model dtype).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from cache import ExpertCache
+from offload.experts import expert_ffn
+from offload.prefetch import Prefetcher
+from offload.slots import SlotPool
+from offload.stats import EngineStats
+
+
+class Engine:
+    def __init__(self, store, cache: ExpertCache, slots: SlotPool, num_experts: int, top_k: int,
+                 moe_layers: list[int], predictor=None, prefetch_width: int | None = None,
+                 transform=None, linear: Callable | None = None, tracer=None) -> None:
+        self.store, self.cache, self.slots = store, cache, slots
+        self.num_experts, self.top_k, self.moe_layers = num_experts, top_k, moe_layers
+        self.stats = EngineStats()
+        self.prefetcher = Prefetcher(store, cache, slots, self.stats, transform=transform)
+        self.predictor, self.tracer = predictor, tracer
+        self.prefetch_width = prefetch_width or top_k
+        self.linear = linear  # quantized records: linear(x, views, name); None = dense
+
+    # --- one layer -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run_layer(self, module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor | None,
+                  top_k_weights: torch.Tensor | None) -> torch.Tensor:
+        if top_k_index is None:  # Llama-4 hands every token to every expert, pre-scaled by its score
+            return self._run_replicated(module, hidden)
+        layer = module.layer_idx
+        E = self.num_experts
+        if layer == self.moe_layers[0]:
+            self.stats.tokens += hidden.shape[0]
+            self.stats.forward_steps += 1
+        final = torch.zeros_like(hidden)
+        mask = torch.nn.functional.one_hot(top_k_index, num_classes=E + 1).permute(2, 1, 0)  # [E+1, k, T]
+        uses = mask.sum(dim=(-1, -2))                                                     # [E+1]
+        experts = [e for e in torch.greater(uses, 0).nonzero()[:, 0].tolist() if e < E]    # ascending, as eager
+        self._observe(layer, hidden, top_k_index, top_k_weights)
+        for w, (top_k_pos, token_idx) in self._each_expert(layer, experts, uses, top_k_weights, mask):
+            y = expert_ffn(module, w, hidden[token_idx], self.linear)
+            y = y * top_k_weights[token_idx, top_k_pos, None]
+            final.index_add_(0, token_idx, y.to(final.dtype))
+        return final
+
+    def _run_replicated(self, module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        E = self.num_experts
+        layer = module.layer_idx
+        x = hidden.view(E, -1, hidden.shape[-1])                      # [E, T, H]
+        if layer == self.moe_layers[0]:
+            self.stats.tokens += x.shape[1]
+            self.stats.forward_steps += 1
+        out = torch.zeros_like(x)
+        active = x.abs().amax(dim=-1) > 0                              # [E, T]: rows of unselected experts are 0
+        uses = torch.cat([active.sum(-1), active.new_zeros(1)])        # [E+1]
+        experts = active.any(-1).nonzero()[:, 0].tolist()
+        index = active.T.float().topk(self.top_k, dim=-1).indices      # [T, k]: the router's choice
+        self._observe(layer, None, index, None)
+        for w, i in self._each_expert(layer, experts, uses, None, None):
+            e = experts[i]
+            out[e] = expert_ffn(module, w, x[e], self.linear)
+        return out.view(-1, hidden.shape[-1])
+
+    def _each_expert(self, layer, experts, uses, top_k_weights, mask):
+        """Yield (slot views, token selection) per expert, with this layer's keys pinned while they compute."""
+        keys = [(layer, e) for e in experts]
+        pin_all = len(keys) <= self.cache.capacity - self.prefetcher.in_flight()
+        if pin_all:
+            for k in keys:
+                self.cache.pin(k)
+        try:
+            for i, (key, e) in enumerate(zip(keys, experts)):
+                if mask is not None:
+                    top_k_pos, token_idx = torch.where(mask[e])
+                    weight = float(top_k_weights[token_idx, top_k_pos].float().sum())
+                    sel = (top_k_pos, token_idx)
+                else:
+                    weight, sel = 0.0, i
+                slot = self.prefetcher.fetch(key, int(uses[e]), weight)
+                if not pin_all:
+                    self.cache.pin(key)
+                try:
+                    yield self.slots.views(slot, self.store.layout_of(key)), sel
+                finally:
+                    if not pin_all:
+                        self.cache.unpin(key)
+        finally:
+            if pin_all:
+                for k in keys:
+                    self.cache.unpin(k)
+
+    # --- prediction and tracing ------------------------------------------------------------------
+    def _observe(self, layer: int, hidden, top_k_index, top_k_weights) -> None:
+        if self.tracer is not None:
+            self.tracer.record(layer, top_k_index, top_k_weights)
+        if self.predictor is None:
+            return
+        if hidden is not None:
+            wanted = self.predictor.predict(layer, hidden)
+            keys = [(tl, e) for tl, ids in wanted.items() for e in ids[: self.prefetch_width]]
+            self.prefetcher.submit(keys)
+        self.predictor.observe(layer, top_k_index)
+
+    def close(self) -> None:
+        self.prefetcher.close()

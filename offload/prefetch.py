@@ -1,0 +1,233 @@
+"""Prefetcher: the only place that moves expert bytes between tiers.
+
+`submit(keys)` starts loads in the background (skipping resident or in-flight keys); `fetch(key)` returns
+a ready slot, demand-loading on a miss. Loads run on a worker thread (store reads, decompression and
+copies release the GIL) so they overlap the main thread's compute. A demand for a key still queued
+behind other prefetches is stolen and loaded at once: demand always beats prefetch. On CUDA the worker
+stages records in pinned host buffers and copies them on a dedicated stream; compute waits only on the
+event of the expert it needs. In-flight keys stay pinned in the cache until the main thread reaps them,
+so a slot is never handed out twice.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+import torch
+
+from cache import ExpertCache, Key
+from offload.errors import OffloadError
+from offload.slots import SlotPool
+from offload.stats import EngineStats
+
+QUEUED, RUNNING, DONE, STOLEN = range(4)
+_STOP = object()
+
+
+class _Job:
+    __slots__ = ("key", "slot", "state", "lock", "done", "error", "event")
+
+    def __init__(self, key: Key, slot: int) -> None:
+        self.key, self.slot, self.state = key, slot, QUEUED
+        self.lock, self.done = threading.Lock(), threading.Event()
+        self.error: BaseException | None = None
+        self.event = None  # CUDA event recorded after the copy
+
+
+class Prefetcher:
+    def __init__(self, store, cache: ExpertCache, slots: SlotPool, stats: EngineStats,
+                 transform: Callable[[Key, torch.Tensor, torch.Tensor], None] | None = None,
+                 staging_buffers: int = 4) -> None:
+        """`transform(key, record, slot)` turns a stored record into its resident form (None: a plain copy)."""
+        self.store, self.cache, self.slots, self.stats, self.transform = store, cache, slots, stats, transform
+        self.cuda = slots.device.type == "cuda"
+        self._jobs: dict[Key, _Job] = {}
+        self._finished: deque[_Job] = deque()
+        self._prefetched: set[Key] = set()  # prefetched and not used yet
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+        self._stats_lock = threading.Lock()
+        if self.cuda:
+            nbytes = store.record_bytes
+            self._copy_stream = torch.cuda.Stream(device=slots.device)
+            self._staging = [self._pinned(nbytes) for _ in range(staging_buffers + 1)]
+            self._staging_events: list = [None] * len(self._staging)
+            self._next_staging = 0
+            self._staging_lock = threading.Lock()
+        else:
+            self._scratch = {}  # per thread: a record buffer for stores whose records need a transform
+
+    # --- the main thread's API --------------------------------------------------------------------
+    def fetch(self, key: Key, uses: int = 1, weight: float = 0.0) -> int:
+        """Slot index holding `key`, ready to compute with; counts one hit or one miss for its first use."""
+        self._reap()
+        job = self._jobs.get(key)
+        slot, hit = self.cache.access(key, uses, weight)
+        if key in self._prefetched:
+            self._prefetched.discard(key)
+            self.stats.prefetch_useful += 1
+        if job is not None:
+            self._finish(job)
+        elif not hit:
+            t0 = time.perf_counter()
+            try:
+                self._wait_event(self._load(key, slot))
+            except BaseException:
+                self.cache.remove(key)
+                raise
+            self.stats.stall_seconds += time.perf_counter() - t0
+        return slot
+
+    def submit(self, keys: Iterable[Key]) -> None:
+        """Start loading `keys` in the background; a key that cannot get a slot is dropped (costs nothing)."""
+        self._reap()
+        for key in keys:
+            if key in self.cache or key in self._jobs:
+                continue
+            slot = self.cache.insert_prefetch(key)
+            if slot is None:
+                self.stats.prefetch_dropped += 1
+                continue
+            self.cache.pin(key)
+            job = self._jobs[key] = _Job(key, slot)
+            self._prefetched.add(key)
+            self.stats.prefetch_issued += 1
+            self._ensure_worker()
+            self._queue.put(job)
+
+    def drain(self) -> None:
+        """Wait for every in-flight prefetch (used before reading stats or shutting down)."""
+        for job in list(self._jobs.values()):
+            self._finish(job)
+
+    def in_flight(self) -> int:
+        return len(self._jobs)
+
+    def pending_unused(self) -> int:
+        return sum(1 for k in self._prefetched if k in self.cache)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._queue.put(_STOP)
+            self._worker.join(timeout=10)
+            self._worker = None
+        for job in list(self._jobs.values()):  # never started: release their pins
+            if job.state in (QUEUED, STOLEN) or job.done.is_set():
+                self._release(job)
+
+    # --- internals --------------------------------------------------------------------------------
+    def _finish(self, job: _Job) -> None:
+        with job.lock:
+            stolen = job.state == QUEUED
+            if stolen:
+                job.state = STOLEN
+        t0 = time.perf_counter()
+        if stolen:
+            try:
+                self._wait_event(self._load(job.key, job.slot))
+            except BaseException as e:
+                job.error = e
+        else:
+            job.done.wait()
+            self._wait_event(job.event)
+        self.stats.stall_seconds += time.perf_counter() - t0
+        self._release(job)
+
+    def _release(self, job: _Job) -> None:
+        if self._jobs.get(job.key) is job:
+            del self._jobs[job.key]
+            self.cache.unpin(job.key)
+        if job.error is not None:
+            self.cache.remove(job.key) if job.key in self.cache else None
+            self._prefetched.discard(job.key)
+            err, job.error = job.error, None
+            if isinstance(err, OffloadError):
+                raise err
+            raise RuntimeError(f"loading expert {job.key} failed in the prefetch worker: {err}") from err
+
+    def _reap(self) -> None:
+        while self._finished:
+            job = self._finished.popleft()
+            self._wait_event(job.event)
+            self._release(job)
+
+    def _wait_event(self, event) -> None:
+        """Make the compute stream wait for one copy (CUDA); nothing to do on CPU."""
+        if event is not None:
+            torch.cuda.current_stream(self.slots.device).wait_event(event)
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._run, name="moe-offload-prefetch", daemon=True)
+            self._worker.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is _STOP:
+                return
+            with job.lock:
+                if job.state != QUEUED:
+                    continue
+                job.state = RUNNING
+            try:
+                job.event = self._load(job.key, job.slot)
+            except BaseException as e:  # surfaces in the main thread, with its cause
+                job.error = e
+            job.state = DONE
+            self._finished.append(job)
+            job.done.set()
+
+    def _load(self, key: Key, slot: int):
+        """Read `key` from the store into `slot`; returns a CUDA event on GPU (None on CPU)."""
+        t0 = time.perf_counter()
+        if self.cuda:
+            event = self._load_cuda(key, slot)
+        else:
+            event = None
+            if self.transform is None:
+                n = self.store.read_into(key, self.slots.raw(slot))
+            else:
+                record = self._thread_scratch()
+                n = self.store.read_into(key, record)
+                self.transform(key, record, self.slots.raw(slot))
+        with self._stats_lock:
+            self.stats.bytes_loaded[self.store.tier] += n
+            self.stats.loads += 1
+            self.stats.load_seconds += time.perf_counter() - t0
+        return event
+
+    def _thread_scratch(self) -> torch.Tensor:
+        tid = threading.get_ident()
+        buf = self._scratch.get(tid)
+        if buf is None:
+            buf = self._scratch[tid] = torch.empty(self.store.record_bytes, dtype=torch.uint8)
+        return buf
+
+    def _pinned(self, nbytes: int) -> torch.Tensor:
+        try:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError:  # pinning refused: pageable staging still works, without overlap
+            return torch.empty(nbytes, dtype=torch.uint8)
+
+    def _load_cuda(self, key: Key, slot: int):
+        with self._staging_lock:
+            i = self._next_staging
+            self._next_staging = (i + 1) % len(self._staging)
+            if self._staging_events[i] is not None:
+                self._staging_events[i].synchronize()  # the previous copy out of this buffer is done
+        staging = self._staging[i]
+        n = self.store.read_into(key, staging)
+        with torch.cuda.stream(self._copy_stream):
+            dst = self.slots.raw(slot)
+            if self.transform is None:
+                dst.copy_(staging, non_blocking=True)
+            else:
+                self.transform(key, staging, dst)
+            event = torch.cuda.Event()
+            event.record(self._copy_stream)
+        self._staging_events[i] = event
+        return event

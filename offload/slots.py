@@ -1,0 +1,32 @@
+"""SlotPool: the resident tier. A fixed [capacity, record_bytes] buffer on the compute device.
+
+Allocated once; a slot's tensors are views into it, so nothing allocates in the hot path (vLLM's
+expert-cache lesson). Which key sits in which slot is decided by `cache.ExpertCache`, not here.
+"""
+from __future__ import annotations
+
+import torch
+
+from offload.layout import ExpertLayout
+
+
+class SlotPool:
+    def __init__(self, capacity: int, record_bytes: int, device: torch.device) -> None:
+        self.capacity, self.record_bytes, self.device = capacity, record_bytes, torch.device(device)
+        self.buf = torch.zeros(capacity, record_bytes, dtype=torch.uint8, device=self.device)
+        self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return self.capacity * self.record_bytes
+
+    def raw(self, slot: int) -> torch.Tensor:
+        return self.buf[slot]
+
+    def views(self, slot: int, layout: ExpertLayout) -> dict[str, torch.Tensor]:
+        """Named tensors of `slot` under `layout`, built once and reused."""
+        key = (slot, id(layout))
+        v = self._views.get(key)
+        if v is None:
+            v = self._views[key] = layout.views(self.buf[slot])
+        return v

@@ -1,0 +1,121 @@
+"""CheckpointSource: one expert at a time, straight out of a Hugging Face checkpoint's safetensors (mmap).
+
+Transformers never sees the expert tensors (they are dropped at construction); we read expert `e` of
+layer `l` with `safe_open(...).get_slice(name)`, so loading a checkpoint never pulls all experts into RAM.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from offload.arch import Arch
+from offload.errors import OffloadError
+from offload.layout import ExpertLayout, TensorSpec
+
+Key = tuple[int, int]
+
+
+class CheckpointSource:
+    """Expert tensors of one checkpoint, in the record orientation transformers uses in memory."""
+
+    def __init__(self, model_dir: Path, arch: Arch, num_experts: int, dtype: torch.dtype) -> None:
+        self.model_dir, self.arch, self.num_experts, self.dtype = Path(model_dir), arch, num_experts, dtype
+        self.files = sorted(self.model_dir.glob("*.safetensors"))
+        if not self.files:
+            raise OffloadError(f"no *.safetensors files in {self.model_dir}; moe-offload reads safetensors "
+                               f"checkpoints (re-save the model with save_pretrained(safe_serialization=True))")
+        self._handles = {f: safe_open(str(f), framework="pt") for f in self.files}
+        self._where: dict[tuple, tuple[Path, str]] = {}  # (layer, expert|None, role) -> (file, tensor name)
+        pattern = re.compile(arch.pattern)
+        for f, h in self._handles.items():
+            for name in h.keys():
+                if arch.quantized_markers and name.endswith(arch.quantized_markers) and ".experts" in name:
+                    raise OffloadError(f"{name} is a packed hub format (MXFP4/FP8) that moe-offload does not decode "
+                                       f"yet; use a bf16/fp16/fp32 checkpoint of this model")
+                m = pattern.search(name)
+                if m:
+                    g = m.groups()
+                    layer, expert = int(g[0]), (int(g[1]) if len(g) == 3 else None)
+                    self._where[(layer, expert, arch.roles[g[-1]])] = (f, name)
+        if not self._where:
+            raise OffloadError(f"found no expert tensors in {self.model_dir} (expected names like "
+                               f"{arch.pattern!r}); is this checkpoint complete?")
+        self.layers = sorted({k[0] for k in self._where})
+        self.layout = self._dense_layout()
+
+    # --- shapes -----------------------------------------------------------------------------------
+    def _shape(self, layer: int, role: str) -> tuple[int, ...] | None:
+        hit = self._where.get((layer, None if self.arch.fused else 0, role))
+        if hit is None:
+            return None
+        shape = tuple(self._handles[hit[0]].get_slice(hit[1]).get_shape())
+        return shape[1:] if self.arch.fused else shape
+
+    def _dense_layout(self) -> ExpertLayout:
+        layer = self.layers[0]
+        if self.arch.fused:
+            gate_up = self._shape(layer, "gate_up")
+        else:
+            g = self._shape(layer, "gate")
+            gate_up = (2 * g[0], g[1])
+        specs = [TensorSpec("gate_up", tuple(gate_up), self.dtype),
+                 TensorSpec("down", tuple(self._shape(layer, "down")), self.dtype)]
+        for bias in ("gate_up_bias", "down_bias"):
+            shape = self._shape(layer, bias)
+            if shape is not None:
+                specs.append(TensorSpec(bias, tuple(shape), self.dtype))
+        return ExpertLayout(tuple(specs))
+
+    def keys(self) -> list[Key]:
+        return [(layer, e) for layer in self.layers for e in range(self.num_experts)]
+
+    # --- reading ----------------------------------------------------------------------------------
+    def _get(self, layer: int, expert: int, role: str) -> torch.Tensor:
+        hit = self._where.get((layer, None if self.arch.fused else expert, role))
+        if hit is None:
+            raise OffloadError(f"checkpoint {self.model_dir} lacks tensor {role} of expert {expert} in layer {layer}; "
+                               f"the checkpoint is incomplete")
+        sl = self._handles[hit[0]].get_slice(hit[1])
+        return sl[expert] if self.arch.fused else sl[:]
+
+    def read(self, key: Key) -> dict[str, torch.Tensor]:
+        """Expert `key` as record tensors (gate_up, down, biases) in the model dtype."""
+        layer, e = key
+        out = {}
+        for spec in self.layout.specs:
+            if spec.name == "gate_up" and not self.arch.fused:
+                t = torch.cat([self._get(layer, e, "gate"), self._get(layer, e, "up")], 0)
+            else:
+                t = self._get(layer, e, spec.name)
+            out[spec.name] = t.to(self.dtype)
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes of all experts at the record dtype."""
+        return len(self.keys()) * self.layout.nbytes
+
+    def fingerprint(self) -> str:
+        """Identifies this checkpoint cheaply: config.json plus every safetensors header (names, shapes, offsets)."""
+        h = hashlib.sha256((self.model_dir / "config.json").read_bytes())
+        for f in self.files:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                h.update(f.name.encode() + fh.read(n))
+        return h.hexdigest()[:32]
+
+
+def expert_groups(keys: list[Key]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = defaultdict(list)
+    for layer, e in keys:
+        groups[layer].append(e)
+    return dict(groups)
+
+
+def read_config_json(model_dir: Path) -> dict:
+    return json.loads((Path(model_dir) / "config.json").read_text())
