@@ -54,6 +54,7 @@ class DiskStore:
     tier = "disk"
 
     def __init__(self, store_dir: Path, verify: bool = True) -> None:
+        self._fd = -1
         self.dir = Path(store_dir)
         try:
             self.index = json.loads((self.dir / INDEX).read_text())

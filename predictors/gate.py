@@ -1,0 +1,109 @@
+"""Cross-layer gate predictor (Fate-style): apply the routers of the next MoE layers to this layer's input.
+
+Inside MoE layer l, the experts input `hidden` [T, H] equals the router input of layer l. The residual stream
+changes slowly from layer to layer, so the router of layer l+d applied to it is a cheap guess of what layer
+l+d will choose. Routing is never re-implemented: each target layer's own router module is called, so
+softmax/sigmoid, DeepSeek's group-limited top-k with `e_score_correction_bias`, GPT-OSS's router bias, Phi's
+sparsemixer and Llama-4's dense sigmoid scores are all exactly the model's. Two router return shapes exist:
+
+    (router_logits [T,E], top_k_weights [T,k], top_k_index [T,k])   Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3,
+                                                                    Phi-MoE, Granite-MoE, GPT-OSS, ...
+    (router_scores [T,E] dense, router_logits [T,E])                Llama-4 (`Llama4Router`)
+
+The router's `forward` is called directly (not `router(...)`), so forward hooks on it, such as transformers'
+`output_router_logits` recorder or a routing tracer, do not fire for predictions.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor, nn
+
+from predictors.base import BasePredictor
+
+# `<...>.layers.<i>.<moe block attr>.<router attr>` for every architecture in the research table.
+_ROUTER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:mlp|block_sparse_moe|feed_forward)\.(?:gate|router)$")
+
+
+def find_routers(model: nn.Module) -> dict[int, nn.Module]:
+    """{layer index: router module} of a transformers MoE model (dense layers have none).
+
+    Matches `layers.<i>.mlp.gate` (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek), `layers.<i>.mlp.router`
+    (GPT-OSS, Phi-MoE), `layers.<i>.block_sparse_moe.router` (Granite) and `layers.<i>.feed_forward.router`
+    (Llama-4). Modules with an [E, H] weight only, so a Linear H->1 or a dense MLP is never taken.
+    """
+    found: dict[int, nn.Module] = {}
+    for name, mod in model.named_modules():
+        m = _ROUTER_NAME.search(name)
+        w = getattr(mod, "weight", None)
+        if m is None or not isinstance(w, Tensor) or w.dim() != 2 or w.shape[0] < 2:
+            continue
+        layer = int(m.group(1))
+        if layer in found and found[layer] is not mod:
+            raise ValueError(f"two routers for layer {layer} (one is {name}); pass routers explicitly")
+        found[layer] = mod
+    return dict(sorted(found.items()))
+
+
+class GatePredictor(BasePredictor):
+    """At layer l, run the routers of the next `lookahead` MoE layers on l's router input.
+
+    Ranked list per target layer: the experts the router selects for the T tokens, most-selected first (ties
+    by summed router logits), then, up to `width` ids in all, the next best experts by summed logits. With
+    T > 1 the selected set alone can exceed `width`; it is never cut (truncate in the caller if needed).
+    """
+
+    name = "gate"
+
+    def __init__(self, routers: dict[int, nn.Module], moe_layers: list[int], num_experts: int, top_k: int,
+                 lookahead: int = 1, width: int | None = None):
+        super().__init__(moe_layers, num_experts, top_k, lookahead, width)
+        extra = sorted(set(routers) - set(self.moe_layers))
+        if extra:
+            raise ValueError(f"routers given for non-MoE layers {extra}; moe_layers={self.moe_layers}")
+        self.routers = dict(routers)
+
+    @torch.no_grad()
+    def route(self, layer: int, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """`layer`'s router on `hidden` [T, H] (or [..., H]): (top_k_index [T, k] int64, router_logits [T, E])."""
+        router = self.routers[layer]
+        h = hidden.reshape(-1, hidden.shape[-1])
+        if router.training or not h.is_contiguous():  # Phi's router scales its input in place when training
+            h = h.clone(memory_format=torch.contiguous_format)
+        out = router.forward(h)
+        if not isinstance(out, (tuple, list)):
+            raise TypeError(f"router of layer {layer} ({type(router).__name__}) returned {type(out).__name__}, "
+                            "expected a tuple")
+        if len(out) == 3 and not out[2].is_floating_point():       # (logits, weights, index)
+            return out[2].long(), out[0]
+        if len(out) == 2 and out[0].shape == out[1].shape:          # Llama-4: (dense scores, logits)
+            scores, logits = out
+            k = int(getattr(router, "top_k", self.top_k))
+            # Selected experts have score sigmoid(logit) > 0, the rest exactly 0. Order by score, ties by
+            # logit: a selected score that underflowed to 0 still wins its tie, as it has a top-k logit.
+            by_logit = torch.argsort(logits, dim=-1, descending=True, stable=True)
+            by_score = torch.argsort(scores.gather(-1, by_logit), dim=-1, descending=True, stable=True)
+            return by_logit.gather(-1, by_score)[:, :k], logits
+        raise TypeError(f"router of layer {layer} ({type(router).__name__}) returned {len(out)} values of "
+                        "unknown meaning; expected (logits, weights, index) or (dense scores, logits)")
+
+    @torch.no_grad()
+    def _ranked(self, index: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """(all E ids ranked, number of selected ids) for one target layer; stays on the device."""
+        E = self.num_experts
+        counts = torch.zeros(E, dtype=torch.int64, device=index.device)
+        counts.scatter_add_(0, index.reshape(-1), torch.ones_like(index.reshape(-1)))
+        by_logit = torch.argsort(logits.float().sum(0), descending=True, stable=True)
+        order = by_logit[torch.argsort(counts[by_logit], descending=True, stable=True)]
+        return order, (counts > 0).sum().reshape(1)
+
+    @torch.no_grad()
+    def predict(self, layer: int, hidden: Tensor) -> dict[int, list[int]]:
+        targets = [t for t in self.targets(layer) if t in self.routers]
+        if not targets or hidden.numel() == 0:
+            return {}
+        parts = [torch.cat(self._ranked(*self.route(t, hidden))) for t in targets]
+        rows = torch.stack(parts).tolist()  # one device sync for all targets
+        E = self.num_experts
+        return {t: row[:E][: max(row[E], self.width)] for t, row in zip(targets, rows)}

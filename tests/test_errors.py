@@ -1,0 +1,93 @@
+"""Bad input gets one OffloadError naming the fix - never a traceback from deep inside."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from offload import OffloadConfig, OffloadedModel, OffloadError
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(OffloadError, match="does not exist"):
+        OffloadedModel.from_pretrained(tmp_path / "nope")
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(OffloadError, match="no config.json"):
+        OffloadedModel.from_pretrained(tmp_path)
+
+
+def test_dense_model_is_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=64)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    with pytest.raises(OffloadError, match="dense model") as e:
+        OffloadedModel.from_pretrained(tmp_path)
+    assert "mixtral" in str(e.value)
+
+
+def test_unsupported_moe_names_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "jamba", "num_experts": 4}))
+    with pytest.raises(OffloadError, match="not supported") as e:
+        OffloadedModel.from_pretrained(tmp_path)
+    for name in ("mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "llama4_text"):
+        assert name in str(e.value)
+
+
+def test_capacity_below_top_k_names_minimum(tiny_dir):
+    with pytest.raises(OffloadError, match="cache_experts to >= 2"):
+        OffloadedModel.from_pretrained(tiny_dir("mixtral"), cache_experts=1)
+    with pytest.raises(OffloadError, match="at least one layer's top-k = 2"):
+        OffloadedModel.from_pretrained(tiny_dir("mixtral"), cache_memory="1KiB")
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(store="tape"), "store must be one of"),
+    (dict(store="disk"), "needs store_dir"),
+    (dict(device="tpu"), "device must be"),
+    (dict(dtype="int7"), "unsupported dtype"),
+    (dict(cache_experts=0), "positive integer"),
+    (dict(cache_memory="lots"), "cannot read 'lots' as a size"),
+    (dict(cache_experts=4, cache_memory="1GiB"), "not both"),
+    (dict(policy="random"), "unknown policy"),
+    (dict(lookahead=0), "lookahead"),
+    (dict(colour="blue"), "unknown option"),
+])
+def test_invalid_options(options, message):
+    with pytest.raises(OffloadError, match=message):
+        OffloadConfig.from_options(**options)
+
+
+def test_cuda_requested_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(OffloadError, match="no CUDA GPU"):
+        OffloadConfig(device="cuda")
+
+
+def test_mxfp4_checkpoint_is_named(tmp_path, tiny_dir):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_dir("gpt_oss")
+    shutil.copytree(src, tmp_path / "m")
+    f = next((tmp_path / "m").glob("*.safetensors"))
+    tensors = load_file(f)
+    tensors["model.layers.0.mlp.experts.gate_up_proj_blocks"] = torch.zeros(8, 4, dtype=torch.uint8)
+    save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(OffloadError, match="MXFP4"):
+        OffloadedModel.from_pretrained(tmp_path / "m")
+
+
+def test_sizes_parse():
+    from offload.config import parse_bytes
+
+    assert parse_bytes("2GiB") == 2 * 2**30
+    assert parse_bytes("512MB") == 512 * 10**6
+    assert parse_bytes("1.5 KiB") == 1536
+    assert parse_bytes(123) == 123

@@ -1,0 +1,124 @@
+"""The disk store: atomic, checksummed, resumable, and refuses a store made from something else."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+
+from offload import OffloadedModel, OffloadError
+from offload.arch import ARCHS
+from offload.convert import JOURNAL, PARTIAL, convert
+from offload.source import CheckpointSource
+from offload.store import DATA, INDEX, DiskStore, RamStore
+
+
+def source_of(path, arch="mixtral", dtype=torch.bfloat16):
+    return CheckpointSource(path, ARCHS[arch], 8, dtype)
+
+
+def digest(store_dir):
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(store_dir.iterdir())}
+
+
+def test_records_round_trip_against_checkpoint(tiny_dir, tmp_path):
+    src = source_of(tiny_dir("mixtral"))
+    convert(src, tmp_path / "s", {"format": "dense"}, progress=False)
+    store, ram = DiskStore(tmp_path / "s"), RamStore(src)
+    a = torch.empty(store.record_bytes, dtype=torch.uint8)
+    b = torch.empty(store.record_bytes, dtype=torch.uint8)
+    assert set(store.keys()) == set(src.keys()) and len(store.keys()) == 24
+    for key in src.keys():
+        store.read_into(key, a)
+        ram.read_into(key, b)
+        assert torch.equal(a, b)
+        views = store.layout_of(key).views(a)
+        want = src.read(key)
+        for name, t in want.items():
+            assert torch.equal(views[name], t)
+    assert not (tmp_path / "s" / JOURNAL).exists() and not (tmp_path / "s" / PARTIAL).exists()
+
+
+def test_flipped_byte_is_caught_with_file_and_key(tiny_dir, tmp_path):
+    src = source_of(tiny_dir("mixtral"))
+    convert(src, tmp_path / "s", {"format": "dense"}, progress=False)
+    data = tmp_path / "s" / DATA
+    raw = bytearray(data.read_bytes())
+    rec = DiskStore(tmp_path / "s").record_bytes
+    raw[5 * rec + 17] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    store = DiskStore(tmp_path / "s")
+    buf = torch.empty(rec, dtype=torch.uint8)
+    store.read_into(src.keys()[4], buf)  # neighbours are fine
+    with pytest.raises(OffloadError, match=r"checksum mismatch in .*experts.bin for expert \(0, 5\)"):
+        store.read_into(src.keys()[5], buf)
+
+
+def test_corrupt_store_surfaces_during_generation(tiny_dir, tmp_path):
+    path = tiny_dir("mixtral")
+    m = OffloadedModel.from_pretrained(path, store="disk", store_dir=tmp_path / "s")
+    m.close()
+    data = tmp_path / "s" / DATA
+    data.write_bytes(bytes(b ^ 0x55 for b in data.read_bytes()))
+    m = OffloadedModel.from_pretrained(path, store="disk", store_dir=tmp_path / "s")
+    with pytest.raises(OffloadError, match="checksum mismatch"):
+        m.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2)
+
+
+def test_interrupted_conversion_resumes_byte_identical(tiny_dir, tmp_path, monkeypatch):
+    src = source_of(tiny_dir("qwen3_moe"), "qwen3_moe")
+    convert(src, tmp_path / "clean", {"format": "dense"}, progress=False)
+    calls = {"n": 0}
+    real_read = CheckpointSource.read
+
+    def dying_read(self, key):
+        calls["n"] += 1
+        if calls["n"] == 11:
+            raise KeyboardInterrupt  # killed mid-way
+        return real_read(self, key)
+
+    monkeypatch.setattr(CheckpointSource, "read", dying_read)
+    monkeypatch.setattr("offload.convert.time.monotonic", iter(range(0, 10**6, 2)).__next__)  # journal every record
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, tmp_path / "resumed", {"format": "dense"}, progress=False)
+    assert not (tmp_path / "resumed" / INDEX).exists(), "an interrupted store must not look valid"
+    journal = json.loads((tmp_path / "resumed" / JOURNAL).read_text())
+    assert len(journal["records"]) == 10
+    # garbage after the journalled records (a half-written record) must be discarded on resume
+    with open(tmp_path / "resumed" / PARTIAL, "ab") as f:
+        f.write(b"\x01" * 100)
+    monkeypatch.setattr(CheckpointSource, "read", real_read)
+    convert(src, tmp_path / "resumed", {"format": "dense"}, progress=False)
+    assert digest(tmp_path / "resumed") == digest(tmp_path / "clean")
+
+
+def test_store_from_other_checkpoint_or_settings_is_refused(tiny_dir, tmp_path):
+    a = tiny_dir("mixtral")
+    OffloadedModel.from_pretrained(a, store="disk", store_dir=tmp_path / "s").close()
+    other = tmp_path / "other"
+    shutil.copytree(a, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1e-5
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(OffloadError, match="different checkpoint"):
+        OffloadedModel.from_pretrained(other, store="disk", store_dir=tmp_path / "s")
+    with pytest.raises(OffloadError, match="made with settings"):
+        OffloadedModel.from_pretrained(a, store="disk", store_dir=tmp_path / "s", dtype="float32")
+
+
+def test_store_is_reused_not_rewritten(tiny_dir, tmp_path):
+    path = tiny_dir("mixtral")
+    OffloadedModel.from_pretrained(path, store="disk", store_dir=tmp_path / "s").close()
+    before = (tmp_path / "s" / DATA).stat().st_mtime_ns
+    OffloadedModel.from_pretrained(path, store="disk", store_dir=tmp_path / "s").close()
+    assert (tmp_path / "s" / DATA).stat().st_mtime_ns == before
+
+
+def test_truncated_data_file_is_named(tiny_dir, tmp_path):
+    OffloadedModel.from_pretrained(tiny_dir("mixtral"), store="disk", store_dir=tmp_path / "s").close()
+    with open(tmp_path / "s" / DATA, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(OffloadError, match="missing or truncated"):
+        DiskStore(tmp_path / "s")
