@@ -4,5 +4,19 @@ Pure Python (no torch): the policies and the simulator run on traces anywhere.
 """
 from cache.expert_cache import CacheFull, CacheStats, ExpertCache, Key
 from cache.policies import POLICIES, CachePolicy, make_policy
+from cache.simulate import SimResult, hit_rate_curve, replay
+from cache.trace import Trace
 
-__all__ = ["CacheFull", "CacheStats", "ExpertCache", "Key", "POLICIES", "CachePolicy", "make_policy"]
+__all__ = [
+    "CacheFull",
+    "CacheStats",
+    "ExpertCache",
+    "Key",
+    "POLICIES",
+    "CachePolicy",
+    "make_policy",
+    "SimResult",
+    "hit_rate_curve",
+    "replay",
+    "Trace",
+]

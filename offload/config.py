@@ -49,6 +49,7 @@ class OffloadConfig:
     predictor: str | None = None        # expert predictor for prefetch (predictors.PREDICTORS); None = demand only
     lookahead: int = 1                  # how many MoE layers ahead the predictor looks
     prefetch_width: int | None = None   # experts prefetched per predicted layer (default: top_k)
+    context: int | None = None          # tokens of KV cache to plan for (default: min(model max, 4096))
     trace: bool = False                 # record routing (experts and weights per token and layer)
     verify: bool = True                 # check each record's checksum when it is read from the disk store
 
@@ -70,6 +71,8 @@ class OffloadConfig:
             object.__setattr__(self, "cache_memory", parse_bytes(self.cache_memory))
             if self.cache_memory <= 0:
                 raise OffloadError("cache_memory must be positive, e.g. 2GiB")
+        if self.context is not None and self.context < 1:
+            raise OffloadError(f"context must be a positive number of tokens, got {self.context}")
         if not 1 <= self.lookahead <= 8:
             raise OffloadError(f"lookahead must be between 1 and 8, got {self.lookahead}")
         if self.prefetch_width is not None and self.prefetch_width < 1:

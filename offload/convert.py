@@ -138,3 +138,21 @@ class _progress:
 
 def remove_store(store_dir: Path) -> None:
     shutil.rmtree(store_dir, ignore_errors=True)
+
+
+def build_store(model_dir, out: Path, bits=None, dtype="bfloat16", progress: bool = True) -> str:
+    """`offload-convert`: write (or resume, or verify and reuse) the store for `model_dir`; returns a summary."""
+    from offload.config import parse_dtype
+    from offload.source import open_checkpoint
+
+    dt = parse_dtype(dtype)
+    _hf, _arch, source, _k = open_checkpoint(model_dir, dt)
+    t0 = time.perf_counter()
+    settings = {"dtype": str(dt).removeprefix("torch."), "format": "dense"}
+    store = open_or_convert(source, Path(out), settings, progress=progress)
+    n = len(store.keys())
+    size = n * store.record_bytes
+    dt_s = time.perf_counter() - t0
+    store.close()
+    return (f"{out}: {n} experts x {store.record_bytes / 2**20:.2f} MiB = {size / 2**20:.1f} MiB "
+            f"in {dt_s:.1f} s ({size / 2**20 / max(dt_s, 1e-9):.0f} MB/s)")

@@ -9,23 +9,26 @@ from __future__ import annotations
 import contextlib
 import importlib
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 from transformers.monkey_patching import register_patch_mapping, unregister_patch_mapping
 
-from cache import ExpertCache, make_policy
-from offload.arch import Arch, arch_for
+from cache import ExpertCache, Trace, make_policy
+from offload.arch import Arch
 from offload.config import OffloadConfig
 from offload.convert import open_or_convert
 from offload.engine import Engine
 from offload.errors import OffloadError
 from offload.experts import offloaded_class
+from offload.plan import MemoryPlan, make_plan
 from offload.slots import SlotPool
-from offload.source import CheckpointSource
+from offload.source import CheckpointSource, open_checkpoint
 from offload.store import RamStore
+from offload.trace import Tracer
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
@@ -34,22 +37,22 @@ class OffloadedModel:
     """`generate`, `__call__` and `tokenizer` behave as transformers' do; experts come through the cache."""
 
     def __init__(self, model, engine: Engine, config: OffloadConfig, arch: Arch, source: CheckpointSource,
-                 tokenizer=None) -> None:
+                 plan: MemoryPlan, tokenizer=None) -> None:
         self.model, self.engine, self.config, self.arch, self.source = model, engine, config, arch, source
-        self.tokenizer = tokenizer
+        self.plan, self.tokenizer = plan, tokenizer
 
     # --- loading ---------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, config: OffloadConfig | None = None, progress: bool = False,
-                        **options) -> OffloadedModel:
+                        on_plan: Callable[[MemoryPlan], None] | None = None, **options) -> OffloadedModel:
+        """Load `model_dir` with experts offloaded. `options` are OffloadConfig fields; `on_plan` sees the
+        memory plan before anything big is loaded (the CLI prints it)."""
         cfg = config or OffloadConfig.from_options(**options)
-        model_dir = _check_dir(model_dir)
-        hf_config = _load_config(model_dir)
-        arch = arch_for(hf_config)
-        text_config = hf_config.get_text_config()
-        num_experts = int(getattr(text_config, arch.num_experts))
-        top_k = int(text_config.num_experts_per_tok)
-        source = CheckpointSource(model_dir, arch, num_experts, cfg.dtype)
+        hf_config, arch, source, top_k = open_checkpoint(model_dir, cfg.dtype)
+        model_dir, num_experts = source.model_dir, source.num_experts
+        plan = make_plan(cfg, hf_config, source, source.layout.nbytes, top_k)
+        if on_plan is not None:
+            on_plan(plan)
         store = _open_store(cfg, source, progress)
 
         model = _load_model(model_dir, hf_config, arch, cfg)
@@ -61,16 +64,20 @@ class OffloadedModel:
         if sorted(moe_layers) != source.layers:
             raise OffloadError(f"the model has MoE layers {sorted(moe_layers)} but the checkpoint has experts for "
                                f"layers {source.layers}; the checkpoint does not match its config.json")
-        capacity = _capacity(cfg, store.record_bytes, len(source.keys()), top_k)
+        capacity = plan.capacity
         device = torch.device(cfg.device)
-        engine = Engine(store, ExpertCache(capacity, make_policy(cfg.policy)),
-                        SlotPool(capacity, store.record_bytes, device), num_experts, top_k, sorted(moe_layers))
+        moe_layers = sorted(moe_layers)
+        tracer = (Tracer(moe_layers, num_experts, top_k, hf_config.model_type, store.record_bytes)
+                  if cfg.trace else None)
+        engine = Engine(store, ExpertCache(capacity, _policy(cfg.policy, capacity, moe_layers)),
+                        SlotPool(capacity, store.record_bytes, device), num_experts, top_k, moe_layers,
+                        tracer=tracer)
         for module in model.modules():
             if getattr(module, "layer_idx", None) is not None and hasattr(module, "engine"):
                 module.engine = engine
                 if not hasattr(module, "is_transposed"):  # undecorated classes (Llama-4) carry no flags
                     module.is_transposed = arch.transposed
-        return cls(model, engine, cfg, arch, source, _load_tokenizer(model_dir))
+        return cls(model, engine, cfg, arch, source, plan, _load_tokenizer(model_dir))
 
     # --- running ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -103,6 +110,12 @@ class OffloadedModel:
             "store": e.store.tier,
         }
 
+    def trace(self) -> Trace:
+        """The routing recorded so far (needs trace=True)."""
+        if self.engine.tracer is None:
+            raise OffloadError("routing is recorded only with trace=True; load the model with trace=True")
+        return self.engine.tracer.trace()
+
     def reset_stats(self) -> None:
         self.engine.stats.reset()
         c = self.engine.cache.stats
@@ -120,25 +133,6 @@ class OffloadedModel:
 
 
 # --- helpers -------------------------------------------------------------------------------------
-def _check_dir(model_dir) -> Path:
-    path = Path(model_dir).expanduser()
-    if not path.exists():
-        raise OffloadError(f"model directory {path} does not exist; pass a local Hugging Face checkpoint directory")
-    if not path.is_dir():
-        raise OffloadError(f"{path} is not a directory; pass the checkpoint's directory (with config.json)")
-    if not (path / "config.json").is_file():
-        raise OffloadError(f"{path} has no config.json; pass a Hugging Face checkpoint directory "
-                           f"(config.json + *.safetensors + tokenizer files)")
-    return path
-
-
-def _load_config(path: Path):
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (ValueError, KeyError, OSError) as e:
-        raise OffloadError(f"cannot read {path / 'config.json'}: {str(e).splitlines()[0]}") from None
-
-
 def _open_store(cfg: OffloadConfig, source: CheckpointSource, progress: bool):
     if cfg.store == "ram":
         return RamStore(source)
@@ -146,18 +140,13 @@ def _open_store(cfg: OffloadConfig, source: CheckpointSource, progress: bool):
     return open_or_convert(source, Path(cfg.store_dir), settings, progress=progress, verify=cfg.verify)
 
 
-def _capacity(cfg: OffloadConfig, record_bytes: int, total: int, top_k: int) -> int:
-    if cfg.cache_experts is not None:
-        capacity = cfg.cache_experts
-    elif cfg.cache_memory is not None:
-        capacity = cfg.cache_memory // record_bytes
-    else:
-        capacity = total
-    if capacity < top_k:
-        need = f"{top_k * record_bytes / 2**20:.2f} MiB" if cfg.cache_memory is not None else f"{top_k} experts"
-        raise OffloadError(f"the expert cache must hold at least one layer's top-k = {top_k} experts ({need}); "
-                           f"raise cache_experts to >= {top_k} or cache_memory to >= {top_k * record_bytes} bytes")
-    return min(capacity, total)
+def _policy(name: str, capacity: int, moe_layers: list[int]):
+    if name == "belady":
+        raise OffloadError("the belady policy needs the future routing, so it only runs on recorded traces "
+                           "(offload-bench policies); choose lru, lfu, lfru, score or layer_quota")
+    if name == "layer_quota":
+        return make_policy(name, capacity=capacity, layers=moe_layers)
+    return make_policy(name)
 
 
 def _load_model(path: Path, hf_config, arch: Arch, cfg: OffloadConfig):

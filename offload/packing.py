@@ -37,32 +37,37 @@ def _blocks(N: int, layout: str) -> tuple[int, int, bool]:
     return N // block * block, block, half
 
 
-def kernel_order(codes: torch.Tensor, layout: str = CANONICAL) -> torch.Tensor:
-    """Codes [N, K] (uint8, 0..15) -> the same codes [N*K] in the order of the layout's nibbles."""
+def pack_int4(codes: torch.Tensor, layout: str = CANONICAL) -> torch.Tensor:
+    """Codes [N, K] 0..15 -> uint8 [N, K/2] exactly as `_convert_weight_to_int4pack_for_cpu` packs on `layout`."""
     N, K = codes.shape
     full, block, half = _blocks(N, layout)
-    out = torch.empty(N * K, dtype=torch.uint8, device=codes.device)
+    out = torch.empty(N * K // 2, dtype=torch.uint8, device=codes.device)
     if full:
         c = codes[:full].view(full // block, 2, block // 2, K) if half else \
-            codes[:full].view(full // block, block // 2, 2, K).transpose(1, 2)        # [B, 2, h, K]
-        out[:full * K].view(full // block, K, block // 2, 2).copy_(c.permute(0, 3, 2, 1))
+            codes[:full].view(full // block, block // 2, 2, K).transpose(1, 2)        # [B, lo/hi, h, K]
+        out[:full * K // 2].view(full // block, K, block // 2).copy_((c[:, 0] | c[:, 1] << 4).transpose(1, 2))
     if N > full:  # tail block: pairs of adjacent rows
-        t = codes[full:].view((N - full) // 2, 2, K)                                   # [t/2, 2, K]
-        out[full * K:].view(K, (N - full) // 2, 2).copy_(t.permute(2, 0, 1))
-    return out
+        t = codes[full:].view((N - full) // 2, 2, K)
+        out[full * K // 2:].view(K, (N - full) // 2).copy_((t[:, 0] | t[:, 1] << 4).t())
+    return out.view(N, K // 2)
 
 
-def from_kernel_order(stream: torch.Tensor, N: int, K: int, layout: str = CANONICAL) -> torch.Tensor:
-    """Inverse of `kernel_order`: codes [N*K] in kernel order -> codes [N, K]."""
+def unpack_int4(packed: torch.Tensor, N: int, K: int, layout: str = CANONICAL) -> torch.Tensor:
+    """Inverse of `pack_int4`: kernel bytes -> codes [N, K]."""
     full, block, half = _blocks(N, layout)
-    codes = torch.empty(N, K, dtype=torch.uint8, device=stream.device)
+    flat = packed.reshape(-1)
+    codes = torch.empty(N, K, dtype=torch.uint8, device=packed.device)
+    parts = []
     if full:
-        s = stream[:full * K].view(full // block, K, block // 2, 2).permute(0, 3, 2, 1)  # [B, 2, h, K]
-        dst = codes[:full].view(full // block, 2, block // 2, K) if half else \
+        c = codes[:full].view(full // block, 2, block // 2, K) if half else \
             codes[:full].view(full // block, block // 2, 2, K).transpose(1, 2)
-        dst.copy_(s)
+        parts.append((flat[:full * K // 2].view(full // block, K, block // 2).transpose(1, 2), c[:, 0], c[:, 1]))
     if N > full:
-        codes[full:].view((N - full) // 2, 2, K).copy_(stream[full * K:].view(K, (N - full) // 2, 2).permute(1, 2, 0))
+        t = codes[full:].view((N - full) // 2, 2, K)
+        parts.append((flat[full * K // 2:].view(K, (N - full) // 2).t(), t[:, 0], t[:, 1]))
+    for b, lo, hi in parts:
+        torch.bitwise_and(b, 15, out=lo)
+        torch.bitwise_right_shift(b, 4, out=hi)
     return codes
 
 
@@ -78,18 +83,17 @@ def bytes_to_nibbles(b: torch.Tensor) -> torch.Tensor:
     return out.view(-1)
 
 
-def pack_int4(codes: torch.Tensor, layout: str = CANONICAL) -> torch.Tensor:
-    """Codes [N, K] 0..15 -> uint8 [N, K/2] exactly as `_convert_weight_to_int4pack_for_cpu` would on `layout`."""
-    N, K = codes.shape
-    return nibbles_to_bytes(kernel_order(codes, layout)).view(N, K // 2)
+def kernel_order(codes: torch.Tensor, layout: str = CANONICAL) -> torch.Tensor:
+    """Codes [N, K] -> the same codes [N*K] in the order of the layout's nibbles (low nibble first)."""
+    return bytes_to_nibbles(pack_int4(codes, layout))
 
 
-def unpack_int4(packed: torch.Tensor, N: int, K: int, layout: str = CANONICAL) -> torch.Tensor:
-    return from_kernel_order(bytes_to_nibbles(packed), N, K, layout)
+def from_kernel_order(stream: torch.Tensor, N: int, K: int, layout: str = CANONICAL) -> torch.Tensor:
+    return unpack_int4(nibbles_to_bytes(stream), N, K, layout)
 
 
 def relayout_int4(packed: torch.Tensor, N: int, K: int, src: str, dst: str) -> torch.Tensor:
-    """Kernel bytes in layout `src` -> layout `dst` (about 3 ms for 1024x3584 on one core)."""
+    """Kernel bytes in layout `src` -> layout `dst`."""
     if src == dst:
         return packed
     return pack_int4(unpack_int4(packed, N, K, src), dst)
@@ -118,14 +122,6 @@ def pack_bits(stream: torch.Tensor, bits: int) -> torch.Tensor:
     for i in range(1, per):
         out |= s[:, i] << (bits * i)
     return out
-
-
-def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    per, mask = 8 // bits, (1 << bits) - 1
-    out = torch.empty(packed.numel(), per, dtype=torch.uint8, device=packed.device)
-    for i in range(per):
-        torch.bitwise_and(packed >> (bits * i), mask, out=out[:, i])
-    return out.view(-1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -180,10 +176,10 @@ def expand_2bit(packed: torch.Tensor, offset: int, out: torch.Tensor) -> torch.T
 
 def add_high_bit(plane: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Add 4 to every nibble of kernel bytes `out` whose bit is set in `plane` [M/8 bytes] (int3's third bit)."""
-    add = _lut_1bit(plane.device)[plane.int()]
+    add = torch.index_select(_lut_1bit(plane.device), 0, plane.int())
     dst = _view(out, torch.int32)
     if dst is None:
-        out.copy_((out.view(-1, 4).to(torch.int32) + add.view(torch.uint8).view(-1, 4)).to(torch.uint8).view(-1))
+        out += add.view(torch.uint8)  # same sum byte by byte: nothing carries
     else:
         dst += add  # no carries: the nibble's value-4 bit is clear before this (codes + offset <= 11)
     return out
@@ -201,7 +197,9 @@ def pack_base3(stream: torch.Tensor) -> torch.Tensor:
 def expand_base3(packed: torch.Tensor, offset: int, out: torch.Tensor) -> torch.Tensor:
     """Base-3 digits (`pack_base3`) -> kernel bytes `out` [M/2], digit + offset per nibble."""
     lut = _lut_base3(offset, packed.device)
-    idx = packed.view(torch.int16).int() & 0xFFFF  # two packed bytes -> ten digits -> five kernel bytes
+    pairs = _view(packed, torch.int16)  # two packed bytes -> ten digits -> five kernel bytes
+    idx = pairs.int() & 0xFFFF if pairs is not None else \
+        packed.view(-1, 2)[:, 0].int() | packed.view(-1, 2)[:, 1].int() << 8
     n = out.numel()
     full = n // 5
     torch.index_select(lut, 0, idx[:full], out=out[:full * 5].view(full, 5))

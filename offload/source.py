@@ -6,15 +6,14 @@ layer `l` with `safe_open(...).get_slice(name)`, so loading a checkpoint never p
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 import re
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from offload.arch import Arch
+from offload.arch import Arch, arch_for
 from offload.errors import OffloadError
 from offload.layout import ExpertLayout, TensorSpec
 
@@ -96,9 +95,15 @@ class CheckpointSource:
             out[spec.name] = t.to(self.dtype)
         return out
 
-    def nbytes(self) -> int:
-        """Bytes of all experts at the record dtype."""
-        return len(self.keys()) * self.layout.nbytes
+    def non_expert_bytes(self) -> int:
+        """Bytes of every tensor that is not an expert (loaded by transformers), at the model dtype."""
+        experts = {name for _f, name in self._where.values()}
+        total = 0
+        for h in self._handles.values():
+            for name in h.keys():
+                if name not in experts:
+                    total += math.prod(h.get_slice(name).get_shape()) * self.dtype.itemsize
+        return total
 
     def fingerprint(self) -> str:
         """Identifies this checkpoint cheaply: config.json plus every safetensors header (names, shapes, offsets)."""
@@ -110,12 +115,29 @@ class CheckpointSource:
         return h.hexdigest()[:32]
 
 
-def expert_groups(keys: list[Key]) -> dict[int, list[int]]:
-    groups: dict[int, list[int]] = defaultdict(list)
-    for layer, e in keys:
-        groups[layer].append(e)
-    return dict(groups)
+
+def check_dir(model_dir) -> Path:
+    path = Path(model_dir).expanduser()
+    if not path.exists():
+        raise OffloadError(f"model directory {path} does not exist; pass a local Hugging Face checkpoint directory")
+    if not path.is_dir():
+        raise OffloadError(f"{path} is not a directory; pass the checkpoint's directory (with config.json)")
+    if not (path / "config.json").is_file():
+        raise OffloadError(f"{path} has no config.json; pass a Hugging Face checkpoint directory "
+                           f"(config.json + *.safetensors + tokenizer files)")
+    return path
 
 
-def read_config_json(model_dir: Path) -> dict:
-    return json.loads((Path(model_dir) / "config.json").read_text())
+def open_checkpoint(model_dir, dtype: torch.dtype):
+    """(hf_config, arch, source, top_k) of a local checkpoint, or an OffloadError saying what is wrong."""
+    from transformers import AutoConfig
+
+    path = check_dir(model_dir)
+    try:
+        hf_config = AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, OSError) as e:
+        raise OffloadError(f"cannot read {path / 'config.json'}: {str(e).splitlines()[0]}") from None
+    arch = arch_for(hf_config)
+    text = hf_config.get_text_config()
+    source = CheckpointSource(path, arch, int(getattr(text, arch.num_experts)), dtype)
+    return hf_config, arch, source, int(text.num_experts_per_tok)

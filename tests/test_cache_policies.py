@@ -125,6 +125,15 @@ def test_belady_position_counts_demand_events_only():
         policy.on_access(b)  # position 2 is a, not b
 
 
+def test_belady_follows_a_stray_order_when_not_strict():
+    a, b, c = (0, 1), (0, 2), (0, 3)
+    policy = Belady([a, b, a, c])
+    policy.on_insert(b)  # position 0 said a: strays; b still has its use at position 1
+    policy.on_insert(a)  # position 1 said b: a's use at 0 is passed, its next is at 2
+    assert policy.position == 2 and policy.next_use(b) == float("inf") and policy.next_use(a) == 2
+    assert policy.victim(c, pinned=set()) == b and policy.victim(c, pinned={b}) == a
+
+
 def test_score_evicts_lowest_routing_ema():
     # alpha 0.5, one use per token. After a(0.9)@1 b(0.1)@2 c(0.5)@3 the EMAs at token 3 are
     # a 0.45*0.25=0.1125, b 0.05*0.5=0.025 -> b leaves (LRU would evict a). At token 4, d(0.2):

@@ -99,6 +99,7 @@ def test_hit_rate_curve_rows():
 
 
 def test_import_cache_does_not_import_torch():
-    code = "import sys, cache, cache.simulate, cache.trace, cache.belady, cache.quota; assert 'torch' not in sys.modules"
+    modules = "cache, cache.simulate, cache.trace, cache.belady, cache.quota, cache.ranked"
+    code = f"import sys, {modules}; assert 'torch' not in sys.modules, 'cache imported torch'"
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)

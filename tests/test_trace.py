@@ -38,7 +38,8 @@ def test_save_load_round_trip(tmp_path):
     loaded = Trace.load(path)
     assert np.array_equal(loaded.experts, EXPERTS) and np.array_equal(loaded.weights, WEIGHTS)
     assert loaded.weights.dtype == np.float32
-    for field in ("num_experts", "moe_layers", "top_k", "model_type", "expert_bytes", "prompt_boundaries", "prefill_tokens"):
+    fields = ("num_experts", "moe_layers", "top_k", "model_type", "expert_bytes", "prompt_boundaries", "prefill_tokens")
+    for field in fields:
         assert getattr(loaded, field) == getattr(small(), field), field
     assert loaded.keys() == small().keys()
     with np.load(path) as data:

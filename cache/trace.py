@@ -1,0 +1,142 @@
+"""Trace: which experts each token routed to, per MoE layer, with routing weights; saved as .npz.
+
+Dimension letters: T tokens, L MoE layers (in model order), K top-k. An expert id < 0 or
+>= num_experts is padding (tokens that routed to fewer experts, or "no expert") and is skipped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cache.policies import Key
+
+FORMAT = "moe-offload-trace"
+VERSION = 1
+
+Step = list[tuple[Key, int, float]]  # (key, uses, summed weight) for each distinct expert of one step
+
+
+@dataclass
+class Trace:
+    """Routing of T tokens through L MoE layers; None metadata is inferred from the arrays.
+
+    prompt_boundaries: token index where each prompt starts; prefill_tokens: prompt length of each
+    prompt (its first tokens are prefill, the rest decode). Both are informational for replay.
+    """
+
+    experts: np.ndarray  # [T, L, K] int
+    weights: np.ndarray  # [T, L, K] float32
+    num_experts: int | None = None  # experts per layer; default max id + 1
+    moe_layers: list[int] | None = None  # model layer index of each of the L columns; default range(L)
+    top_k: int | None = None  # default K
+    model_type: str = ""
+    expert_bytes: int | None = None  # bytes moved per expert load, for bytes/token
+    prompt_boundaries: list[int] | None = None
+    prefill_tokens: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        experts = np.asarray(self.experts)
+        if experts.ndim == 2:  # [T, K]: a single layer
+            experts = experts[:, None, :]
+        assert experts.ndim == 3, f"experts must be [tokens, layers, top_k], got shape {experts.shape}"
+        assert np.issubdtype(experts.dtype, np.integer), f"expert ids must be integers, got {experts.dtype}"
+        weights = np.asarray(self.weights, dtype=np.float32).reshape(experts.shape)
+        self.experts, self.weights = experts, weights
+        if self.num_experts is None:
+            self.num_experts = int(experts.max()) + 1 if experts.size else 0
+        if self.moe_layers is None:
+            self.moe_layers = list(range(experts.shape[1]))
+        self.moe_layers = [int(layer) for layer in self.moe_layers]
+        assert len(self.moe_layers) == experts.shape[1], (
+            f"{len(self.moe_layers)} moe_layers for {experts.shape[1]} layer columns"
+        )
+        if self.top_k is None:
+            self.top_k = experts.shape[2]
+
+    @property
+    def tokens(self) -> int:
+        return self.experts.shape[0]
+
+    @property
+    def valid(self) -> np.ndarray:
+        """[T, L, K] bool: True where the id is a real expert, not padding."""
+        return (self.experts >= 0) & (self.experts < self.num_experts)
+
+    def steps(self) -> Iterator[tuple[int, int, Step]]:
+        """(token, layer column, step) in replay order: token-major, then layer, then k.
+
+        Padding is dropped and a repeated id within one step is merged (uses counted, weights summed),
+        so each distinct key appears once per step: exactly the accesses `simulate.replay` makes.
+        """
+        experts, weights, valid = self.experts.tolist(), self.weights.tolist(), self.valid.tolist()
+        for t in range(self.tokens):
+            for li, layer in enumerate(self.moe_layers):
+                step: dict[Key, list] = {}
+                for e, w, ok in zip(experts[t][li], weights[t][li], valid[t][li]):
+                    if ok:
+                        entry = step.setdefault((layer, e), [0, 0.0])
+                        entry[0] += 1
+                        entry[1] += w
+                yield t, li, [(key, uses, w) for key, (uses, w) in step.items()]
+
+    def keys(self) -> list[Key]:
+        """The demand access sequence (one entry per distinct expert per step), for Belady."""
+        return [key for _, _, step in self.steps() for key, _, _ in step]
+
+    def step_need(self) -> np.ndarray:
+        """[L] int: the most distinct experts any one step of each layer needs resident at once."""
+        ids = np.sort(np.where(self.valid, self.experts, -1), axis=-1)  # [T, L, K]
+        first = np.ones(ids.shape, dtype=bool)
+        first[..., 1:] = ids[..., 1:] != ids[..., :-1]
+        distinct = (first & (ids >= 0)).sum(axis=-1)  # [T, L]
+        return distinct.max(axis=0) if self.tokens else np.zeros(len(self.moe_layers), dtype=np.int64)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a compressed .npz atomically (temp file in the same folder, then os.replace)."""
+        path = Path(path)
+        dtype = np.int16 if self.num_experts <= np.iinfo(np.int16).max else np.int32
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "num_experts": self.num_experts,
+            "moe_layers": self.moe_layers,
+            "top_k": self.top_k,
+            "model_type": self.model_type,
+            "expert_bytes": self.expert_bytes,
+            "prompt_boundaries": self.prompt_boundaries,
+            "prefill_tokens": self.prefill_tokens,
+        }
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, 0o644)  # mkstemp makes 0600; a trace is ordinary data
+            with os.fdopen(fd, "wb") as f:
+                np.savez_compressed(
+                    f,
+                    experts=self.experts.astype(dtype),
+                    weights=self.weights.astype(np.float32),
+                    meta=np.array(json.dumps(meta)),
+                )
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Trace:
+        """Read a trace .npz; files from other tools need only `experts` (and ideally `weights`)."""
+        with np.load(path, allow_pickle=False) as data:
+            if "experts" not in data:
+                raise ValueError(f"{path}: not a routing trace (no 'experts' array; has {sorted(data.files)})")
+            experts = data["experts"]
+            weights = data["weights"] if "weights" in data else np.zeros(experts.shape, np.float32)
+            meta = json.loads(str(data["meta"])) if "meta" in data else {}
+        fields = ("num_experts", "moe_layers", "top_k", "model_type", "expert_bytes",
+                  "prompt_boundaries", "prefill_tokens")  # fmt: skip
+        return cls(experts.astype(np.int64), weights, **{k: meta[k] for k in fields if meta.get(k) is not None})
