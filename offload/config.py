@@ -78,6 +78,12 @@ class OffloadConfig:
         if self.prefetch_width is not None and self.prefetch_width < 1:
             raise OffloadError(f"prefetch_width must be at least 1, got {self.prefetch_width}")
         from cache import POLICIES  # late: keeps `offload.config` importable alone
+        from predictors import PREDICTORS
+
+        online = sorted(set(PREDICTORS) - {"oracle"})
+        if self.predictor is not None and self.predictor not in online:
+            raise OffloadError(f"unknown predictor {self.predictor!r}; choose one of: {', '.join(online)} "
+                               f"(oracle runs only on recorded traces, in offload-bench)")
 
         if self.policy not in POLICIES:
             raise OffloadError(f"unknown policy {self.policy!r}; choose one of: {', '.join(sorted(POLICIES))}")

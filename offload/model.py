@@ -71,7 +71,8 @@ class OffloadedModel:
                   if cfg.trace else None)
         engine = Engine(store, ExpertCache(capacity, _policy(cfg.policy, capacity, moe_layers)),
                         SlotPool(capacity, store.record_bytes, device), num_experts, top_k, moe_layers,
-                        tracer=tracer)
+                        predictor=_predictor(cfg, model, moe_layers, num_experts, top_k),
+                        prefetch_width=cfg.prefetch_width, tracer=tracer)
         for module in model.modules():
             if getattr(module, "layer_idx", None) is not None and hasattr(module, "engine"):
                 module.engine = engine
@@ -147,6 +148,16 @@ def _policy(name: str, capacity: int, moe_layers: list[int]):
     if name == "layer_quota":
         return make_policy(name, capacity=capacity, layers=moe_layers)
     return make_policy(name)
+
+
+def _predictor(cfg: OffloadConfig, model, moe_layers: list[int], num_experts: int, top_k: int):
+    if cfg.predictor in (None, "none"):
+        return None
+    from predictors import find_routers, make_predictor
+
+    width = max(top_k, min(cfg.prefetch_width or top_k, num_experts))
+    return make_predictor(cfg.predictor, routers=find_routers(model), moe_layers=moe_layers,
+                          num_experts=num_experts, top_k=top_k, lookahead=cfg.lookahead, width=width)
 
 
 def _load_model(path: Path, hf_config, arch: Arch, cfg: OffloadConfig):
