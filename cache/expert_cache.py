@@ -74,8 +74,13 @@ class ExpertCache:
         return slot, False
 
     def insert_prefetch(self, key: Key, weight: float = 0.0) -> int | None:
-        """Make room for a prefetched key; None when every resident key is pinned (prefetch dropped)."""
+        """Make room for a prefetched key; None (prefetch dropped) when that would take a slot that a pinned,
+        not yet resident key (a demand load of the layer being computed) still needs."""
         if key in self._slot:
+            return None
+        pinned_resident = sum(1 for k in self._pins if k in self._slot)
+        room = len(self._free) + len(self._slot) - pinned_resident  # slots a demand load could still take
+        if room <= len(self._pins) - pinned_resident:  # those are reserved for pinned keys not yet resident
             return None
         if not self._free and self.policy.victim(key, self._pins.keys()) is None:
             return None

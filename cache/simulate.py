@@ -3,6 +3,13 @@
 Replay order matches the engine's decode loop: token by token, layer by layer; before a step, the
 step's predicted experts are prefetched; then the step's keys are pinned (they must all be resident
 while the layer computes), used once each, and unpinned.
+
+With batched_prefill=True the replay follows `offload.engine.Engine` exactly: one step per forward
+call (a prefill of T tokens is ONE step per layer: each distinct expert is fetched once, its first use
+a miss, its other uses hits), experts in ascending id order with summed routing weights, all pinned
+only when they fit (else each is accessed unpinned, as the engine falls back to). Replaying a trace
+recorded by the engine (trace=True, which saves the step of each token) with the same online policy
+and capacity then reproduces the engine's hits and misses exactly (demand loading, no predictor).
 """
 from __future__ import annotations
 
@@ -61,9 +68,9 @@ class SimResult:
         }
 
 
-def _future(trace: Trace, capacity: int, layers: list[int]) -> dict:
+def _future(trace: Trace, capacity: int, layers: list[int], batched: bool = False) -> dict:
     keep = set(layers)
-    return {"future": [k for k in trace.keys() if k[0] in keep], "strict": True}
+    return {"future": [k for k in trace.keys(batched) if k[0] in keep], "strict": True}
 
 
 # Policy arguments that only the trace can supply: (trace, capacity, layers the cache serves) -> kwargs.
@@ -75,10 +82,17 @@ TRACE_KWARGS: dict[str, Callable[[Trace, int, list[int]], dict]] = {
 }
 
 
-def build_policy(name: str, trace: Trace, capacity: int, layers: Sequence[int] | None = None, **kwargs) -> CachePolicy:
-    """`make_policy` with the trace-derived arguments filled in (explicit kwargs win)."""
+def build_policy(name: str, trace: Trace, capacity: int, layers: Sequence[int] | None = None,
+                 batched: bool = False, **kwargs) -> CachePolicy:
+    """`make_policy` with the trace-derived arguments filled in (explicit kwargs win).
+
+    batched: the replay groups tokens into engine steps (`Trace.steps(batched=True)`); Belady's
+    future must follow that access order."""
     layers = list(trace.moe_layers if layers is None else layers)
-    auto = TRACE_KWARGS[name](trace, capacity, layers) if name in TRACE_KWARGS else {}
+    if name == "belady" and batched:
+        auto = _future(trace, capacity, layers, batched=True)
+    else:
+        auto = TRACE_KWARGS[name](trace, capacity, layers) if name in TRACE_KWARGS else {}
     return make_policy(name, **{**auto, **kwargs})
 
 
@@ -109,6 +123,7 @@ def replay(
     capacity: int | Sequence[int],
     per_layer: bool = False,
     prefetch: Prefetch | np.ndarray | None = None,
+    batched_prefill: bool = False,
     **policy_kwargs,
 ) -> SimResult:
     """Replay `trace` through one global cache of `capacity` slots, or (per_layer=True) one cache per
@@ -117,8 +132,13 @@ def replay(
     prefetch: per (token, layer column) predicted expert ids, as a callable (token, layer column) ->
     ids, or a [T, L, P] int array (negative = none). They are inserted with `insert_prefetch` before
     the step; a prefetched key that is used before it is evicted counts as useful.
+
+    batched_prefill: replay one step per forward call, in the engine's order (see the module doc);
+    the prefetch source is then asked once per step, with the step's first token.
     """
     need = [int(n) for n in trace.step_need()]
+    if batched_prefill:  # the engine computes steps that do not fit unpinned, so any capacity works
+        need = [1] * len(need)
     layers = trace.moe_layers
     if per_layer:
         if not isinstance(policy, str):
@@ -129,34 +149,39 @@ def replay(
         for layer, cap, n in zip(layers, caps, need):
             check_capacity(cap, n, f"layer {layer}")
         caches = [
-            ExpertCache(c, build_policy(policy, trace, c, [layer], **policy_kwargs)) for layer, c in zip(layers, caps)
+            ExpertCache(c, build_policy(policy, trace, c, [layer], batched_prefill, **policy_kwargs))
+            for layer, c in zip(layers, caps)
         ]
     else:
         if not isinstance(capacity, Integral):
             raise ValueError("a global cache takes one int capacity; per-layer capacities need per_layer=True")
         capacity = int(capacity)
         check_capacity(capacity, max(need, default=0))
-        pol = build_policy(policy, trace, capacity, **policy_kwargs) if isinstance(policy, str) else policy
+        pol = (build_policy(policy, trace, capacity, batched=batched_prefill, **policy_kwargs)
+               if isinstance(policy, str) else policy)
         caches = [ExpertCache(capacity, pol)] * len(layers)
     predict = _prefetch_source(prefetch, trace)
 
     pending: set[Key] = set()  # prefetched, not yet used (may have been evicted since)
     useful = 0
-    for t, li, step in trace.steps():
+    for t, li, step in trace.steps(batched_prefill):
         cache, layer = caches[li], layers[li]
         if predict is not None:
             for e in predict(t, li):
                 if 0 <= e < trace.num_experts and cache.insert_prefetch((layer, e)) is not None:
                     pending.add((layer, e))
-        for key, _, _ in step:
-            cache.pin(key)
+        pin = not batched_prefill or len(step) <= cache.capacity  # Engine._each_expert's pin_all
+        if pin:
+            for key, _, _ in step:
+                cache.pin(key)
         for key, uses, weight in step:
             _, hit = cache.access(key, uses, weight)
             if key in pending:
                 pending.discard(key)
                 useful += hit  # a miss means it was evicted before this use
-        for key, _, _ in step:
-            cache.unpin(key)
+        if pin:
+            for key, _, _ in step:
+                cache.unpin(key)
 
     distinct = list({id(c): c for c in caches}.values())
     return SimResult(
@@ -178,6 +203,7 @@ def hit_rate_curve(
     capacities: Iterable[int | float],
     per_layer: bool = False,
     prefetch: Prefetch | np.ndarray | None = None,
+    batched_prefill: bool = False,
 ) -> list[dict]:
     """One row per (policy, capacity): `SimResult.as_dict()` plus `capacity_fraction`.
 
@@ -204,6 +230,6 @@ def hit_rate_curve(
     rows = []
     for name in policies:
         for n in slots:
-            result = replay(trace, name, n, per_layer=per_layer, prefetch=prefetch)
+            result = replay(trace, name, n, per_layer=per_layer, prefetch=prefetch, batched_prefill=batched_prefill)
             rows.append({**result.as_dict(), "capacity_fraction": n / pool if pool else 0.0})
     return rows

@@ -27,7 +27,9 @@ class Trace:
     """Routing of T tokens through L MoE layers; None metadata is inferred from the arrays.
 
     prompt_boundaries: token index where each prompt starts; prefill_tokens: prompt length of each
-    prompt (its first tokens are prefill, the rest decode). Both are informational for replay.
+    prompt (its first tokens are prefill, the rest decode). step_index: [T] the forward call (engine
+    step) each token belonged to, as `offload.trace.Tracer` records it. The last three only matter for
+    `steps(batched=True)`, which groups tokens the way the engine computed them.
     """
 
     experts: np.ndarray  # [T, L, K] int
@@ -39,6 +41,7 @@ class Trace:
     expert_bytes: int | None = None  # bytes moved per expert load, for bytes/token
     prompt_boundaries: list[int] | None = None
     prefill_tokens: list[int] | None = None
+    step_index: np.ndarray | None = None  # [T] int, non-decreasing: forward call of each token
 
     def __post_init__(self) -> None:
         experts = np.asarray(self.experts)
@@ -58,6 +61,12 @@ class Trace:
         )
         if self.top_k is None:
             self.top_k = experts.shape[2]
+        if self.step_index is not None:
+            self.step_index = np.asarray(self.step_index, dtype=np.int64).reshape(-1)
+            assert len(self.step_index) == experts.shape[0], (
+                f"step_index has {len(self.step_index)} entries for {experts.shape[0]} tokens"
+            )
+            assert np.all(np.diff(self.step_index) >= 0), "step_index must be non-decreasing (tokens in step order)"
 
     @property
     def tokens(self) -> int:
@@ -68,26 +77,53 @@ class Trace:
         """[T, L, K] bool: True where the id is a real expert, not padding."""
         return (self.experts >= 0) & (self.experts < self.num_experts)
 
-    def steps(self) -> Iterator[tuple[int, int, Step]]:
+    def step_spans(self) -> list[tuple[int, int]]:
+        """[start, end) token ranges of the forward calls that computed them.
+
+        From `step_index` when recorded; else each prompt's `prefill_tokens` from its boundary form one
+        step; else every token is its own step.
+        """
+        T = self.tokens
+        if self.step_index is not None:
+            cuts = [0, *(np.flatnonzero(np.diff(self.step_index)) + 1).tolist(), T]
+            return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+        prefill = {}
+        if self.prompt_boundaries and self.prefill_tokens:
+            prefill = {int(b): int(n) for b, n in zip(self.prompt_boundaries, self.prefill_tokens) if n > 1}
+        spans, t = [], 0
+        while t < T:
+            end = min(T, t + prefill.get(t, 1))
+            spans.append((t, end))
+            t = end
+        return spans
+
+    def steps(self, batched: bool = False) -> Iterator[tuple[int, int, Step]]:
         """(token, layer column, step) in replay order: token-major, then layer, then k.
 
         Padding is dropped and a repeated id within one step is merged (uses counted, weights summed),
         so each distinct key appears once per step: exactly the accesses `simulate.replay` makes.
+
+        batched=True replays what the engine does: one step per forward call (`step_spans`; a prefill
+        of T tokens is one step), its distinct experts in ascending id order, each with its summed
+        uses and routing weights; `token` is the step's first token.
         """
         experts, weights, valid = self.experts.tolist(), self.weights.tolist(), self.valid.tolist()
-        for t in range(self.tokens):
+        spans = self.step_spans() if batched else [(t, t + 1) for t in range(self.tokens)]
+        for start, end in spans:
             for li, layer in enumerate(self.moe_layers):
                 step: dict[Key, list] = {}
-                for e, w, ok in zip(experts[t][li], weights[t][li], valid[t][li]):
-                    if ok:
-                        entry = step.setdefault((layer, e), [0, 0.0])
-                        entry[0] += 1
-                        entry[1] += w
-                yield t, li, [(key, uses, w) for key, (uses, w) in step.items()]
+                for t in range(start, end):
+                    for e, w, ok in zip(experts[t][li], weights[t][li], valid[t][li]):
+                        if ok:
+                            entry = step.setdefault((layer, e), [0, 0.0])
+                            entry[0] += 1
+                            entry[1] += w
+                items = sorted(step.items()) if batched else step.items()
+                yield start, li, [(key, uses, w) for key, (uses, w) in items]
 
-    def keys(self) -> list[Key]:
+    def keys(self, batched: bool = False) -> list[Key]:
         """The demand access sequence (one entry per distinct expert per step), for Belady."""
-        return [key for _, _, step in self.steps() for key, _, _ in step]
+        return [key for _, _, step in self.steps(batched) for key, _, _ in step]
 
     def step_need(self) -> np.ndarray:
         """[L] int: the most distinct experts any one step of each layer needs resident at once."""
@@ -112,6 +148,7 @@ class Trace:
             "prompt_boundaries": self.prompt_boundaries,
             "prefill_tokens": self.prefill_tokens,
         }
+        arrays = {} if self.step_index is None else {"steps": self.step_index.astype(np.int32)}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             if hasattr(os, "fchmod"):
@@ -122,6 +159,7 @@ class Trace:
                     experts=self.experts.astype(dtype),
                     weights=self.weights.astype(np.float32),
                     meta=np.array(json.dumps(meta)),
+                    **arrays,
                 )
             os.replace(tmp, path)
         except BaseException:
@@ -137,6 +175,8 @@ class Trace:
             experts = data["experts"]
             weights = data["weights"] if "weights" in data else np.zeros(experts.shape, np.float32)
             meta = json.loads(str(data["meta"])) if "meta" in data else {}
+            steps = data["steps"].astype(np.int64) if "steps" in data else None
         fields = ("num_experts", "moe_layers", "top_k", "model_type", "expert_bytes",
                   "prompt_boundaries", "prefill_tokens")  # fmt: skip
-        return cls(experts.astype(np.int64), weights, **{k: meta[k] for k in fields if meta.get(k) is not None})
+        return cls(experts.astype(np.int64), weights, step_index=steps,
+                   **{k: meta[k] for k in fields if meta.get(k) is not None})

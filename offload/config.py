@@ -71,6 +71,13 @@ class OffloadConfig:
             object.__setattr__(self, "cache_memory", parse_bytes(self.cache_memory))
             if self.cache_memory <= 0:
                 raise OffloadError("cache_memory must be positive, e.g. 2GiB")
+        if self.bits not in (None, 16):
+            from offload.codec import format_rule
+
+            format_rule(self.bits)(0, 0)  # parses every entry: bad formats fail here, with the fix named
+            if self.store != "disk":
+                raise OffloadError(f"bits={self.bits!r} needs a converted store: add store='disk' and "
+                                   f"store_dir=PATH (converted once, reused afterwards)")
         if self.context is not None and self.context < 1:
             raise OffloadError(f"context must be a positive number of tokens, got {self.context}")
         if not 1 <= self.lookahead <= 8:

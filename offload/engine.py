@@ -6,8 +6,6 @@ views -> weighted combine with eager numerics (per-expert matmul, index_add_ in 
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
@@ -21,14 +19,15 @@ from offload.stats import EngineStats
 class Engine:
     def __init__(self, store, cache: ExpertCache, slots: SlotPool, num_experts: int, top_k: int,
                  moe_layers: list[int], predictor=None, prefetch_width: int | None = None,
-                 transform=None, linear: Callable | None = None, tracer=None) -> None:
+                 codec=None, tracer=None) -> None:
         self.store, self.cache, self.slots = store, cache, slots
         self.num_experts, self.top_k, self.moe_layers = num_experts, top_k, moe_layers
         self.stats = EngineStats()
+        transform = None if codec is None else (lambda key, rec, slot: codec.transform(store.format_of(key), rec, slot))
         self.prefetcher = Prefetcher(store, cache, slots, self.stats, transform=transform)
         self.predictor, self.tracer = predictor, tracer
         self.prefetch_width = prefetch_width or top_k
-        self.linear = linear  # quantized records: linear(x, views, name); None = dense
+        self.codec = codec  # quantized records (None: dense weights in the slot)
 
     # --- one layer -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -46,8 +45,8 @@ class Engine:
         uses = mask.sum(dim=(-1, -2))                                                     # [E+1]
         experts = [e for e in torch.greater(uses, 0).nonzero()[:, 0].tolist() if e < E]    # ascending, as eager
         self._observe(layer, hidden, top_k_index, top_k_weights)
-        for w, (top_k_pos, token_idx) in self._each_expert(layer, experts, uses, top_k_weights, mask):
-            y = expert_ffn(module, w, hidden[token_idx], self.linear)
+        for w, linear, (top_k_pos, token_idx) in self._each_expert(layer, experts, uses, top_k_weights, mask):
+            y = expert_ffn(module, w, hidden[token_idx], linear)
             y = y * top_k_weights[token_idx, top_k_pos, None]
             final.index_add_(0, token_idx, y.to(final.dtype))
         return final
@@ -65,9 +64,9 @@ class Engine:
         experts = active.any(-1).nonzero()[:, 0].tolist()
         index = active.T.float().topk(self.top_k, dim=-1).indices      # [T, k]: the router's choice
         self._observe(layer, None, index, None)
-        for w, i in self._each_expert(layer, experts, uses, None, None):
+        for w, linear, i in self._each_expert(layer, experts, uses, None, None):
             e = experts[i]
-            out[e] = expert_ffn(module, w, x[e], self.linear)
+            out[e] = expert_ffn(module, w, x[e], linear)
         return out.view(-1, hidden.shape[-1])
 
     def _each_expert(self, layer, experts, uses, top_k_weights, mask):
@@ -89,7 +88,7 @@ class Engine:
                 if not pin_all:
                     self.cache.pin(key)
                 try:
-                    yield self.slots.views(slot, self.store.layout_of(key)), sel
+                    yield (*self._views(key, slot), sel)
                 finally:
                     if not pin_all:
                         self.cache.unpin(key)
@@ -97,6 +96,13 @@ class Engine:
             if pin_all:
                 for k in keys:
                     self.cache.unpin(k)
+
+    def _views(self, key, slot: int):
+        """(slot tensors, linear) for `key`: dense views and plain matmuls, or a quantized kind's."""
+        if self.codec is None:
+            return self.slots.views(slot, self.store.layout_of(key)), None
+        kind = self.store.format_of(key)
+        return self.codec.views(self.slots, slot, kind), self.codec.kind_named(kind).linear
 
     # --- prediction and tracing ------------------------------------------------------------------
     def _observe(self, layer: int, hidden, top_k_index, top_k_weights) -> None:

@@ -19,6 +19,7 @@ from transformers.monkey_patching import register_patch_mapping, unregister_patc
 
 from cache import ExpertCache, Trace, make_policy
 from offload.arch import Arch
+from offload.codec import RecordCodec, format_rule
 from offload.config import OffloadConfig
 from offload.convert import open_or_convert
 from offload.engine import Engine
@@ -50,10 +51,13 @@ class OffloadedModel:
         cfg = config or OffloadConfig.from_options(**options)
         hf_config, arch, source, top_k = open_checkpoint(model_dir, cfg.dtype)
         model_dir, num_experts = source.model_dir, source.num_experts
-        plan = make_plan(cfg, hf_config, source, source.layout.nbytes, top_k)
+        plan = make_plan(cfg, hf_config, source, _codec(cfg, source, arch).slot_bytes if cfg.bits not in (None, 16)
+                         else source.layout.nbytes, top_k)
         if on_plan is not None:
             on_plan(plan)
-        store = _open_store(cfg, source, progress)
+        codec = _codec(cfg, source, arch)
+        store = _open_store(cfg, source, codec, progress)
+        slot_bytes = codec.slot_bytes if codec else store.record_bytes
 
         model = _load_model(model_dir, hf_config, arch, cfg)
         moe_layers = []
@@ -69,10 +73,11 @@ class OffloadedModel:
         moe_layers = sorted(moe_layers)
         tracer = (Tracer(moe_layers, num_experts, top_k, hf_config.model_type, store.record_bytes)
                   if cfg.trace else None)
+        slots = SlotPool(capacity, slot_bytes, device)
         engine = Engine(store, ExpertCache(capacity, _policy(cfg.policy, capacity, moe_layers)),
-                        SlotPool(capacity, store.record_bytes, device), num_experts, top_k, moe_layers,
+                        slots, num_experts, top_k, moe_layers,
                         predictor=_predictor(cfg, model, moe_layers, num_experts, top_k),
-                        prefetch_width=cfg.prefetch_width, tracer=tracer)
+                        prefetch_width=cfg.prefetch_width, codec=codec, tracer=tracer)
         for module in model.modules():
             if getattr(module, "layer_idx", None) is not None and hasattr(module, "engine"):
                 module.engine = engine
@@ -134,11 +139,24 @@ class OffloadedModel:
 
 
 # --- helpers -------------------------------------------------------------------------------------
-def _open_store(cfg: OffloadConfig, source: CheckpointSource, progress: bool):
+def _codec(cfg: OffloadConfig, source: CheckpointSource, arch: Arch) -> RecordCodec | None:
+    if cfg.bits in (None, 16):
+        return None
+    if cfg.store != "disk":
+        raise OffloadError(f"bits={cfg.bits!r} needs a converted store: add store='disk' and store_dir=PATH "
+                           f"(converted once, reused afterwards)")
+    return RecordCodec(source.layout, format_rule(cfg.bits), arch.transposed, torch.device(cfg.device))
+
+
+def _open_store(cfg: OffloadConfig, source: CheckpointSource, codec: RecordCodec | None, progress: bool):
     if cfg.store == "ram":
         return RamStore(source)
-    settings = {"dtype": str(cfg.dtype).removeprefix("torch."), "format": "dense"}
-    return open_or_convert(source, Path(cfg.store_dir), settings, progress=progress, verify=cfg.verify)
+    settings = {"dtype": str(cfg.dtype).removeprefix("torch."), "format": "dense" if codec is None else
+                str(cfg.bits) if not callable(cfg.bits) else "custom"}
+    if codec is None:
+        return open_or_convert(source, Path(cfg.store_dir), settings, progress=progress, verify=cfg.verify)
+    return open_or_convert(source, Path(cfg.store_dir), settings, encoder=codec.encode,
+                           record_bytes=codec.record_bytes, progress=progress, verify=cfg.verify)
 
 
 def _policy(name: str, capacity: int, moe_layers: list[int]):

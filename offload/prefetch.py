@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from cache import ExpertCache, Key
+from cache import CacheFull, ExpertCache, Key
 from offload.errors import OffloadError
 from offload.slots import SlotPool
 from offload.stats import EngineStats
@@ -65,7 +65,11 @@ class Prefetcher:
         """Slot index holding `key`, ready to compute with; counts one hit or one miss for its first use."""
         self._reap()
         job = self._jobs.get(key)
-        slot, hit = self.cache.access(key, uses, weight)
+        try:
+            slot, hit = self.cache.access(key, uses, weight)
+        except CacheFull:  # every slot is held by loads in flight: let them land, then there is room
+            self.drain()
+            slot, hit = self.cache.access(key, uses, weight)
         if key in self._prefetched:
             self._prefetched.discard(key)
             self.stats.prefetch_useful += 1

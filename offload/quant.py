@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from offload import packing
 from offload.errors import OffloadError
+from offload.groupwise import quantize_groups, range_inflation
 from offload.ternary import ternarize
 
 Layout = list[tuple[str, tuple[int, ...], torch.dtype]]
@@ -32,13 +33,7 @@ KINDS = ("bf16", "fp32", "int8", "int4", "int3", "int2", "ternary")
 GROUPED = {"int4": 4, "int3": 3, "int2": 2}  # kind -> bits
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 128  # "int4" means int4-g128: 4.25 bits/param, the size background.md plans with
-ADAPTIVE_THRESHOLD = 1.35  # choose_group_size: Gaussian weights score 1.25 at G=128 vs 32, independent of size
-# Clipping search (weights only): shrink each group's [min, max] around its midpoint by these factors and
-# keep the one with the least squared error. Gaussian 1024x3584, relative error min/max -> searched:
-# int4-g128 0.100 -> 0.095, int3-g128 0.214 -> 0.184, int2-g128 0.501 -> 0.345.
-SHRINKS = {4: (1.0, 0.95, 0.9, 0.85), 3: (1.0, 0.95, 0.9, 0.85, 0.8, 0.75),
-           2: (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55)}
-ROW_CHUNK = 256  # rows quantized at a time: bounds temporaries on 14336x4096 matrices
+ADAPTIVE_THRESHOLD = 1.35  # choose_group_size: Gaussian weights score 1.25 at G=128 vs 32 at any size
 
 
 class FormatError(OffloadError, ValueError):
@@ -98,16 +93,11 @@ def parse_format(text: str) -> QFormat:
 
 def choose_group_size(w: torch.Tensor, bits: int, candidates=(128, 64, 32),
                       threshold: float = ADAPTIVE_THRESHOLD) -> int:
-    """FineQuant-style adaptive granularity (Kim et al. 2023) from the weights alone.
-
-    Quantization noise per weight grows with its group's max-min range. For each candidate G, every
-    finest-candidate sub-group is charged its parent group's range instead of its own; the inflation of
-    a block of input features is sqrt(sum parent range^2 / sum own range^2) over all rows, and the score
-    of G is the worst block: outlier input features (LLM.int8's observation) inflate their block's range
-    for every row, and a worst-case over blocks catches even one such column. Returns the largest G whose
-    score stays <= threshold. Gaussian weights score 1.25 (G=128) and 1.13 (G=64) against G=32 at any
-    matrix size; Laplace 1.40 / 1.20; one input feature scaled 20x: 1.94 / 1.40. The score is a ratio of
-    ranges, so it does not depend on `bits` (validated only); stacked experts [E, N, K] are accepted.
+    """FineQuant-style adaptive granularity (Kim et al. 2023) from the weights alone: the largest candidate
+    whose worst-case range inflation against the finest candidate (`groupwise.range_inflation`) stays
+    <= threshold. Gaussian weights score 1.25 at G=128 (vs 32) at any size, so they keep G=128; outlier
+    input features push it to 64 or 32. The score is a ratio of ranges and does not depend on `bits`
+    (validated only). `w` may be stacked experts [E, N, K]: one group size for all, as records need.
     """
     if bits not in (2, 3, 4):
         raise FormatError(f"adaptive group size is for 2-4 bit formats, got {bits} bits")
@@ -117,19 +107,8 @@ def choose_group_size(w: torch.Tensor, bits: int, candidates=(128, 64, 32),
     usable = sorted((c for c in set(candidates) if K % c == 0), reverse=True)
     if not usable:
         raise FormatError(f"no candidate group size {tuple(candidates)} divides in_features K={K}; use int8")
-    w = w.detach().reshape(-1, K).float()
-    f = usable[-1]
-    fine = w.view(w.shape[0], K // f, f)
-    hi, lo = fine.amax(dim=-1), fine.amin(dim=-1)                      # [R, K/f]
-    for g in usable[:-1]:
-        k = g // f
-        parent = hi.view(-1, K // g, k).amax(-1) - lo.view(-1, K // g, k).amin(-1)    # [R, K/g]
-        charged = parent.square().sum(0) * k                            # [K/g]
-        own = (hi - lo).square().view(-1, K // g, k).sum((0, 2))
-        score = (charged / own.clamp(min=torch.finfo(torch.float32).tiny)).sqrt().max()
-        if score <= threshold:
-            return g
-    return f
+    scores = range_inflation(w, usable)
+    return next((g for g in usable if scores[g] <= threshold), usable[-1])
 
 
 def resolve_format(fmt: QFormat, w: torch.Tensor) -> QFormat:
@@ -142,6 +121,8 @@ def _ternary_group(K: int) -> int:
 
 
 def _check(fmt: QFormat, shape) -> tuple[int, int]:
+    if len(shape) != 2:
+        raise FormatError(f"expected one matrix [out_features, in_features], got shape {tuple(shape)}")
     N, K = (int(d) for d in shape)
     if fmt.adaptive:
         raise FormatError(f"{fmt} has no group size yet: call resolve_format(fmt, w) (or choose_group_size) first")
@@ -184,33 +165,6 @@ def compute_layout(fmt: QFormat, shape, device_type: str = "cpu") -> Layout:
 
 # ---- quantize ------------------------------------------------------------------------------------
 
-def _quantize_groups(w: torch.Tensor, bits: int, G: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """w fp32 [N, K] -> (codes uint8 [N, K] in 0..2^bits-1, qsz bf16 [K/G, N, 2]) with
-    w ~ (code - 2^(bits-1)) * scale + zero, i.e. the kernel's convention for q = code + 8 - 2^(bits-1)."""
-    N, K = w.shape
-    top, mid = (1 << bits) - 1, 1 << (bits - 1)
-    codes = torch.empty(N, K, dtype=torch.uint8, device=w.device)
-    sz = torch.empty(N, K // G, 2, dtype=torch.bfloat16, device=w.device)
-    for r in range(0, N, ROW_CHUNK):
-        g = w[r:r + ROW_CHUNK].float().view(-1, K // G, G)                       # [R, K/G, G]
-        hi, lo = g.amax(-1, keepdim=True), g.amin(-1, keepdim=True)
-        best = None
-        for shrink in SHRINKS[bits]:
-            half = (hi - lo) * (shrink / 2)
-            scale = (2 * half / top).clamp(min=1e-20).bfloat16().float()      # rounded as stored
-            zero = ((hi + lo) / 2 - half + mid * scale).bfloat16().float()
-            q = ((g - zero) / scale).round_().add_(mid).clamp_(0, top)
-            err = ((q - mid) * scale + zero - g).square_().sum(-1, keepdim=True)
-            if best is None:
-                best = [q, scale, zero, err]
-                continue
-            better = err < best[3]
-            best = [torch.where(better, new, old) for new, old in zip((q, scale, zero, err), best)]
-        codes[r:r + ROW_CHUNK] = best[0].view(-1, K).to(torch.uint8)
-        sz[r:r + ROW_CHUNK] = torch.cat([best[1], best[2]], -1).bfloat16()
-    return codes, sz.transpose(0, 1).contiguous()
-
-
 def quantize(w: torch.Tensor, fmt: QFormat) -> dict[str, torch.Tensor]:
     """W [N, K] (any float dtype) -> the storage form, laid out as `storage_layout(fmt, w.shape)`."""
     N, K = _check(fmt, w.shape)
@@ -227,7 +181,7 @@ def quantize(w: torch.Tensor, fmt: QFormat) -> dict[str, torch.Tensor]:
         stream = packing.kernel_order((t + 1).to(torch.uint8))            # digits 0..2, kernel order
         return {"qweight": packing.pack_base3(stream), "scales": scale.bfloat16()}
     bits = GROUPED[fmt.kind]
-    codes, qsz = _quantize_groups(w, bits, fmt.group_size)
+    codes, qsz = quantize_groups(w, bits, fmt.group_size)
     if fmt.kind == "int4":
         return {"qweight": packing.pack_int4(codes), "qsz": qsz}
     stream = packing.kernel_order(codes)

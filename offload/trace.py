@@ -18,6 +18,7 @@ class Tracer:
         self._column = {layer: i for i, layer in enumerate(moe_layers)}
         self._steps: list[tuple[np.ndarray, np.ndarray]] = []  # per forward: experts/weights [T, L, K]
         self._prompts: list[int] = []
+        self._prefill: list[int] = []  # length of the forward that opened each prompt
 
     def record(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor | None) -> None:
         col = self._column[layer]
@@ -28,6 +29,7 @@ class Tracer:
             T = idx.shape[0]
             if T > 1 or not self._steps:
                 self._prompts.append(sum(s[0].shape[0] for s in self._steps))
+                self._prefill.append(T)
             self._steps.append((np.full((T, len(self.moe_layers), self.top_k), -1, np.int16),
                                 np.zeros((T, len(self.moe_layers), self.top_k), np.float32)))
         experts, weights = self._steps[-1]
@@ -38,13 +40,17 @@ class Tracer:
         if not self._steps:
             experts = np.zeros((0, len(self.moe_layers), self.top_k), np.int16)
             weights = np.zeros(experts.shape, np.float32)
+            steps = np.zeros(0, np.int64)
         else:
             experts = np.concatenate([s[0] for s in self._steps])
             weights = np.concatenate([s[1] for s in self._steps])
+            steps = np.concatenate([np.full(s[0].shape[0], i, np.int64) for i, s in enumerate(self._steps)])
         return Trace(experts, weights, num_experts=self.num_experts, moe_layers=self.moe_layers, top_k=self.top_k,
                      model_type=self.model_type, expert_bytes=self.expert_bytes,
-                     prompt_boundaries=list(self._prompts))
+                     prompt_boundaries=list(self._prompts), prefill_tokens=list(self._prefill),
+                     step_index=steps)
 
     def reset(self) -> None:
         self._steps.clear()
         self._prompts.clear()
+        self._prefill.clear()
