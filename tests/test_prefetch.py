@@ -1,0 +1,104 @@
+"""Prefetcher under stress: random routing, tiny capacity, random load delays on a real worker thread."""
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from cache import ExpertCache, make_policy
+from offload.errors import OffloadError
+from offload.prefetch import Prefetcher
+from offload.slots import SlotPool
+from offload.stats import EngineStats
+
+RECORD = 64
+
+
+class StampStore:
+    """Writes the key into the record (so a wrong slot is visible) after a random delay."""
+
+    tier = "ram"
+    record_bytes = RECORD
+
+    def __init__(self, seed: int, fail_key=None) -> None:
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.fail_key = fail_key
+        self.reads = 0
+
+    def read_into(self, key, out: torch.Tensor) -> int:
+        with self.lock:
+            delay = self.rng.random() * 0.0005
+            self.reads += 1
+        time.sleep(delay)
+        if key == self.fail_key:
+            raise OffloadError(f"checksum mismatch for expert {key}")
+        out[:RECORD].fill_(0)
+        out[0], out[1] = key[0], key[1]
+        return RECORD
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_routing_no_deadlock_no_double_slot_exact_accounting(seed):
+    rng = random.Random(seed)
+    layers, experts, k, capacity = 4, 8, 2, 3
+    cache = ExpertCache(capacity, make_policy("lru"))
+    stats = EngineStats()
+    slots = SlotPool(capacity, RECORD, torch.device("cpu"))
+    pf = Prefetcher(StampStore(seed), cache, slots, stats)
+    uses = 0
+    for step in range(1500):
+        layer = step % layers
+        keys = [(layer, e) for e in sorted(rng.sample(range(experts), k))]
+        for key in keys:
+            cache.pin(key)
+        nxt = (layer + 1) % layers
+        pf.submit([(nxt, e) for e in rng.sample(range(experts), rng.randint(0, 3))])
+        seen = set()
+        for key in keys:
+            slot = pf.fetch(key)
+            uses += 1
+            assert slot not in seen, "one slot handed out for two keys in the same step"
+            seen.add(slot)
+            assert (int(slots.buf[slot, 0]), int(slots.buf[slot, 1])) == key, "slot holds another expert"
+        for key in keys:
+            cache.unpin(key)
+        assert len(cache) <= capacity
+    pf.drain()
+    pf.close()
+    c = cache.stats
+    assert c.hits + c.misses == uses
+    assert stats.loads == c.misses + stats.prefetch_issued  # every load was a demand miss or a prefetch
+    assert stats.prefetch_useful <= stats.prefetch_issued
+    assert not cache.pinned(), "pins leaked"
+    assert pf._worker is None
+
+
+def test_worker_error_surfaces_in_caller_with_cause():
+    cache = ExpertCache(4, make_policy("lru"))
+    pf = Prefetcher(StampStore(0, fail_key=(1, 3)), cache, SlotPool(4, RECORD, torch.device("cpu")), EngineStats())
+    pf.submit([(1, 3)])
+    with pytest.raises(OffloadError, match="checksum mismatch for expert \\(1, 3\\)"):
+        for _ in range(200):
+            time.sleep(0.005)
+            pf.fetch((0, 0))  # reaping finished jobs raises the worker's error here
+            pf.fetch((1, 3))
+    assert (1, 3) not in cache and not cache.pinned()
+    pf.close()
+
+
+def test_demand_steals_a_queued_prefetch_and_close_is_clean():
+    store = StampStore(1)
+    cache = ExpertCache(8, make_policy("lru"))
+    slots = SlotPool(8, RECORD, torch.device("cpu"))
+    pf = Prefetcher(store, cache, slots, EngineStats())
+    keys = [(0, e) for e in range(8)]
+    pf.submit(keys)
+    slot = pf.fetch((0, 7))  # last in the queue: loaded at once by the caller, not after the other 7
+    assert (int(slots.buf[slot, 0]), int(slots.buf[slot, 1])) == (0, 7)
+    pf.close()
+    assert not [t for t in threading.enumerate() if t.name == "moe-offload-prefetch"]
+    assert not cache.pinned()
