@@ -324,21 +324,6 @@ def project(
 
 
 # --- run -------------------------------------------------------------------------------------------
-def _reset_cache(model) -> None:
-    """Empty the expert cache and give it a fresh policy, so every measurement starts cold and identical."""
-    from offload.model import _policy
-
-    e = model.engine
-    e.prefetcher.drain()
-    for key in list(e.cache.keys()):
-        if key not in e.cache.pinned():
-            e.cache.remove(key)
-    e.cache.policy = _policy(model.config.policy, e.cache.capacity, e.moe_layers)
-    if e.predictor is not None and hasattr(e.predictor, "reset"):
-        e.predictor.reset()
-    model.reset_stats()
-
-
 def _snapshot(model) -> dict:
     model.engine.prefetcher.drain()
     s = model.stats()
@@ -350,7 +335,7 @@ def _timed(model, ids, n: int, cold: bool) -> tuple[float, dict]:
     import torch
 
     if cold:
-        _reset_cache(model)
+        model.reset_cache()
     else:
         model.reset_stats()
     t0 = time.perf_counter()

@@ -22,7 +22,8 @@ import torch
 from offload.errors import OffloadError
 from offload.layout import ExpertLayout
 from offload.source import CheckpointSource, Key
-from offload.store import DATA, INDEX, STORE_VERSION, DiskStore
+from offload.codec import RecordCodec, format_rule
+from offload.store import DATA, INDEX, STORE_VERSION, DiskStore, RamStore
 
 JOURNAL = "journal.json"
 PARTIAL = DATA + ".partial"
@@ -140,19 +141,49 @@ def remove_store(store_dir: Path) -> None:
     shutil.rmtree(store_dir, ignore_errors=True)
 
 
+def codec_for(cfg, source: CheckpointSource, arch) -> RecordCodec | None:
+    """The record codec for cfg.bits (None: dense records in the model dtype)."""
+    if cfg.bits in (None, 16):
+        return None
+    return RecordCodec(source.layout, format_rule(cfg.bits), arch.transposed, torch.device(cfg.device))
+
+
+def slot_bytes(cfg, source: CheckpointSource, arch) -> int:
+    """Bytes of one resident slot: the dense record, or the largest quantized compute form."""
+    codec = codec_for(cfg, source, arch)
+    return source.layout.nbytes if codec is None else codec.slot_bytes
+
+
+def open_store(cfg, source: CheckpointSource, arch, progress: bool = True):
+    """(store, codec) for an OffloadConfig: the checkpoint itself (ram) or the converted disk store."""
+    codec = codec_for(cfg, source, arch)
+    if cfg.store == "ram":
+        return RamStore(source), None
+    fmt = "dense" if codec is None else ("custom" if callable(cfg.bits) else json.dumps(cfg.bits, sort_keys=True))
+    settings = {"dtype": str(cfg.dtype).removeprefix("torch."), "format": fmt}
+    if codec is None:
+        return open_or_convert(source, Path(cfg.store_dir), settings, progress=progress, verify=cfg.verify), None
+    store = open_or_convert(source, Path(cfg.store_dir), settings, encoder=codec.encode,
+                            record_bytes=codec.record_bytes, progress=progress, verify=cfg.verify)
+    return store, codec
+
+
 def build_store(model_dir, out: Path, bits=None, dtype="bfloat16", progress: bool = True) -> str:
-    """`offload-convert`: write (or resume, or verify and reuse) the store for `model_dir`; returns a summary."""
-    from offload.config import parse_dtype
+    """`offload-convert`: write (or resume, or verify and reuse) the store for `model_dir`; returns a summary.
+
+    The settings are exactly those `from_pretrained(..., store="disk", store_dir=out, bits=bits)` asks
+    for, so the model reuses this store."""
+    from offload.config import OffloadConfig
     from offload.source import open_checkpoint
 
-    dt = parse_dtype(dtype)
-    _hf, _arch, source, _k = open_checkpoint(model_dir, dt)
+    cfg = OffloadConfig(store="disk", store_dir=str(out), bits=bits, dtype=dtype)
+    _hf, arch, source, _k = open_checkpoint(model_dir, cfg.dtype)
     t0 = time.perf_counter()
-    settings = {"dtype": str(dt).removeprefix("torch."), "format": "dense"}
-    store = open_or_convert(source, Path(out), settings, progress=progress)
+    store, _codec = open_store(cfg, source, arch, progress)
     n = len(store.keys())
-    size = n * store.record_bytes
-    dt_s = time.perf_counter() - t0
+    size, dense = n * store.record_bytes, n * source.layout.nbytes
+    dt_s = max(time.perf_counter() - t0, 1e-9)
     store.close()
-    return (f"{out}: {n} experts x {store.record_bytes / 2**20:.2f} MiB = {size / 2**20:.1f} MiB "
-            f"in {dt_s:.1f} s ({size / 2**20 / max(dt_s, 1e-9):.0f} MB/s)")
+    return (f"{out}: {n} experts, {store.record_bytes / 2**20:.3f} MiB each ({size / 2**20:.1f} MiB, "
+            f"{8 * store.record_bytes / (source.layout.nbytes / source.dtype.itemsize):.2f} bits/param) "
+            f"in {dt_s:.1f} s, {dense / 2**20 / dt_s:.0f} MB/s of checkpoint experts")

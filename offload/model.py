@@ -19,16 +19,14 @@ from transformers.monkey_patching import register_patch_mapping, unregister_patc
 
 from cache import ExpertCache, Trace, make_policy
 from offload.arch import Arch
-from offload.codec import RecordCodec, format_rule
 from offload.config import OffloadConfig
-from offload.convert import open_or_convert
+from offload.convert import open_store, slot_bytes
 from offload.engine import Engine
 from offload.errors import OffloadError
 from offload.experts import offloaded_class
 from offload.plan import MemoryPlan, make_plan
 from offload.slots import SlotPool
 from offload.source import CheckpointSource, open_checkpoint
-from offload.store import RamStore
 from offload.trace import Tracer
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
@@ -51,13 +49,11 @@ class OffloadedModel:
         cfg = config or OffloadConfig.from_options(**options)
         hf_config, arch, source, top_k = open_checkpoint(model_dir, cfg.dtype)
         model_dir, num_experts = source.model_dir, source.num_experts
-        plan = make_plan(cfg, hf_config, source, _codec(cfg, source, arch).slot_bytes if cfg.bits not in (None, 16)
-                         else source.layout.nbytes, top_k)
+        plan = make_plan(cfg, hf_config, source, slot_bytes(cfg, source, arch), top_k)
         if on_plan is not None:
             on_plan(plan)
-        codec = _codec(cfg, source, arch)
-        store = _open_store(cfg, source, codec, progress)
-        slot_bytes = codec.slot_bytes if codec else store.record_bytes
+        store, codec = open_store(cfg, source, arch, progress)
+        record_slot = codec.slot_bytes if codec else store.record_bytes
 
         model = _load_model(model_dir, hf_config, arch, cfg)
         moe_layers = []
@@ -73,8 +69,8 @@ class OffloadedModel:
         moe_layers = sorted(moe_layers)
         tracer = (Tracer(moe_layers, num_experts, top_k, hf_config.model_type, store.record_bytes)
                   if cfg.trace else None)
-        slots = SlotPool(capacity, slot_bytes, device)
-        engine = Engine(store, ExpertCache(capacity, _policy(cfg.policy, capacity, moe_layers)),
+        slots = SlotPool(capacity, record_slot, device)
+        engine = Engine(store, ExpertCache(capacity, make_cache_policy(cfg.policy, capacity, moe_layers, top_k)),
                         slots, num_experts, top_k, moe_layers,
                         predictor=_predictor(cfg, model, moe_layers, num_experts, top_k),
                         prefetch_width=cfg.prefetch_width, codec=codec, tracer=tracer)
@@ -122,6 +118,19 @@ class OffloadedModel:
             raise OffloadError("routing is recorded only with trace=True; load the model with trace=True")
         return self.engine.tracer.trace()
 
+    def reset_cache(self) -> None:
+        """Empty the expert cache and restart its policy and predictor: the next run starts cold."""
+        e = self.engine
+        e.prefetcher.drain()
+        for key in e.cache.keys():
+            e.cache.remove(key)
+        e.cache.policy = make_cache_policy(self.config.policy, e.cache.capacity, e.moe_layers, e.top_k)
+        if e.predictor is not None:
+            e.predictor.reset()
+        if e.tracer is not None:
+            e.tracer.reset()
+        self.reset_stats()
+
     def reset_stats(self) -> None:
         self.engine.stats.reset()
         c = self.engine.cache.stats
@@ -139,32 +148,15 @@ class OffloadedModel:
 
 
 # --- helpers -------------------------------------------------------------------------------------
-def _codec(cfg: OffloadConfig, source: CheckpointSource, arch: Arch) -> RecordCodec | None:
-    if cfg.bits in (None, 16):
-        return None
-    if cfg.store != "disk":
-        raise OffloadError(f"bits={cfg.bits!r} needs a converted store: add store='disk' and store_dir=PATH "
-                           f"(converted once, reused afterwards)")
-    return RecordCodec(source.layout, format_rule(cfg.bits), arch.transposed, torch.device(cfg.device))
-
-
-def _open_store(cfg: OffloadConfig, source: CheckpointSource, codec: RecordCodec | None, progress: bool):
-    if cfg.store == "ram":
-        return RamStore(source)
-    settings = {"dtype": str(cfg.dtype).removeprefix("torch."), "format": "dense" if codec is None else
-                str(cfg.bits) if not callable(cfg.bits) else "custom"}
-    if codec is None:
-        return open_or_convert(source, Path(cfg.store_dir), settings, progress=progress, verify=cfg.verify)
-    return open_or_convert(source, Path(cfg.store_dir), settings, encoder=codec.encode,
-                           record_bytes=codec.record_bytes, progress=progress, verify=cfg.verify)
-
-
-def _policy(name: str, capacity: int, moe_layers: list[int]):
+def make_cache_policy(name: str, capacity: int, moe_layers: list[int], top_k: int):
+    """The engine's policy object; the simulator builds the same one (`cache.simulate.build_policy`)."""
     if name == "belady":
         raise OffloadError("the belady policy needs the future routing, so it only runs on recorded traces "
                            "(offload-bench policies); choose lru, lfu, lfru, score or layer_quota")
     if name == "layer_quota":
         return make_policy(name, capacity=capacity, layers=moe_layers)
+    if name in ("lfru", "score"):  # they age per token: one token = top_k uses in every MoE layer
+        return make_policy(name, uses_per_token=float(top_k * len(moe_layers)))
     return make_policy(name)
 
 
