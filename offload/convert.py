@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+import lz4.block
 import torch
 
 from offload.errors import OffloadError
@@ -30,6 +31,17 @@ PARTIAL = DATA + ".partial"
 
 # A record encoder: key -> (format name, layout, record tensors). The dense one is the identity.
 Encoder = Callable[[Key, dict[str, torch.Tensor]], tuple[str, ExpertLayout, dict[str, torch.Tensor]]]
+
+
+LZ4_PAYS = 0.95  # compress a record only when lz4 saves more than 5% of its bytes
+
+
+def _maybe_compress(record: memoryview) -> tuple[memoryview | bytes, int | None]:
+    """(bytes to write, stored length or None). lz4 where it measurably pays, per record; raw otherwise."""
+    packed = lz4.block.compress(record, store_size=False)
+    if len(packed) <= LZ4_PAYS * len(record):
+        return packed, len(packed)
+    return record, None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -92,10 +104,12 @@ def convert(source: CheckpointSource, store_dir: Path, settings: dict, encoder: 
                 fmt, layout, tensors = encoder(key, source.read(key))
                 buf.zero_()
                 layout.pack(tensors, buf[: layout.nbytes])
-                data = memoryview(buf.numpy())
+                data, stored = _maybe_compress(memoryview(buf.numpy()))
                 f.write(data)
+                if stored is not None:  # keep fixed offsets: a compressed record is padded to record_bytes
+                    f.write(bytes(record_bytes - stored))
                 journal["layouts"].setdefault(fmt, layout.to_json())
-                journal["records"].append([key[0], key[1], fmt, zlib.crc32(data), None])
+                journal["records"].append([key[0], key[1], fmt, zlib.crc32(data), stored])
                 bar(record_bytes)
                 if time.monotonic() - last_sync > 1.0 or i == len(keys) - 1:
                     f.flush()

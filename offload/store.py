@@ -13,6 +13,7 @@ import os
 import zlib
 from pathlib import Path
 
+import lz4.block
 import torch
 
 from offload.errors import OffloadError
@@ -88,12 +89,19 @@ class DiskStore:
         """pread record `key` into `out` (CPU uint8, >= record_bytes); returns the bytes read from disk."""
         i, _fmt, crc, stored = self._records[key]
         n = stored or self.record_bytes
-        view = memoryview(out.numpy()).cast("B")[:n]
-        got = os.preadv(self._fd, [view], i * self.record_bytes)
-        if got != n or (self.verify and zlib.crc32(view) != crc):
+        view = memoryview(out.numpy()).cast("B")
+        dst = view if stored is None else bytearray(n)  # lz4 record: read the packed bytes aside first
+        got = os.preadv(self._fd, [memoryview(dst)[:n]], i * self.record_bytes)
+        if got != n or (self.verify and zlib.crc32(memoryview(dst)[:n]) != crc):
             raise OffloadError(f"checksum mismatch in {self.dir / DATA} for expert {key} (record {i}): the store is "
                                f"corrupt; delete {self.dir} to rebuild it")
+        if stored is not None:
+            view[: self.record_bytes] = lz4.block.decompress(dst, uncompressed_size=self.record_bytes)
         return n
+
+    def compressed(self) -> int:
+        """How many records are stored lz4-compressed (only where it saved more than 5%)."""
+        return sum(1 for r in self._records.values() if r[3] is not None)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -122,3 +122,66 @@ def test_truncated_data_file_is_named(tiny_dir, tmp_path):
         f.truncate(1000)
     with pytest.raises(OffloadError, match="missing or truncated"):
         DiskStore(tmp_path / "s")
+
+
+def test_lz4_only_where_it_pays_and_round_trips(tiny_dir, tmp_path):
+    """Sparse records compress and are flagged; dense random ones are stored raw. Both read back exactly."""
+    src = source_of(tiny_dir("mixtral"))
+    real_read = src.read
+
+    def sparse_every_other(key):  # half the experts 90% zeros, as pruned or ternary-like weights are
+        t = real_read(key)
+        if key[1] % 2 == 0:
+            g = torch.Generator().manual_seed(key[0] * 100 + key[1])
+            t = {n: torch.where(torch.rand(v.shape, generator=g) < 0.9, torch.zeros_like(v), v) for n, v in t.items()}
+        return t
+
+    src.read = sparse_every_other
+    convert(src, tmp_path / "s", {"format": "dense"}, progress=False)
+    store = DiskStore(tmp_path / "s")
+    assert store.compressed() == 12
+    flags = {tuple(r[:2]): r[4] for r in json.loads((tmp_path / "s" / INDEX).read_text())["records"]}
+    assert all((flags[k] is not None) == (k[1] % 2 == 0) for k in flags)
+    got, want = (torch.empty(store.record_bytes, dtype=torch.uint8) for _ in range(2))
+    for key in src.keys():
+        store.read_into(key, got)
+        src.layout.pack(sparse_every_other(key), want)
+        assert torch.equal(got, want), key
+
+
+def test_full_disk_while_converting_is_one_line_and_not_valid(tiny_dir, tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, data):
+            self.n += 1
+            if self.n > 5:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    def fake_open(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        return Full(f) if str(path).endswith(PARTIAL) else f
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    with pytest.raises(OffloadError, match="disk full while writing the expert store"):
+        convert(source_of(tiny_dir("mixtral")), tmp_path / "s", {"format": "dense"}, progress=False)
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert not (tmp_path / "s" / INDEX).exists()
+    with pytest.raises(OffloadError, match="cannot read expert store index"):
+        DiskStore(tmp_path / "s")
