@@ -33,6 +33,10 @@ _PER_EXPERT_PROJ = r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down
 _W_ROLES = {"w1": "gate", "w3": "up", "w2": "down"}
 _PROJ_ROLES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
+# transformers v5's in-memory layout, [E, 2I, H] / [E, H, I], for checkpoints saved without reverting the fusion
+V5_FUSED = r"layers\.(\d+)\.(?:mlp|block_sparse_moe|feed_forward)\.experts\.(gate_up_proj|down_proj)$"
+V5_FUSED_ROLES = {"gate_up_proj": "gate_up", "down_proj": "down"}
+
 ARCHS: dict[str, Arch] = {
     "mixtral": Arch("MixtralExperts", _PER_EXPERT_W, _W_ROLES),
     "phimoe": Arch("PhimoeExperts", _PER_EXPERT_W, _W_ROLES),

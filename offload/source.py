@@ -8,12 +8,13 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from offload.arch import Arch, arch_for
+from offload.arch import V5_FUSED, V5_FUSED_ROLES, Arch, arch_for
 from offload.errors import OffloadError
 from offload.layout import ExpertLayout, TensorSpec
 
@@ -23,7 +24,9 @@ Key = tuple[int, int]
 class CheckpointSource:
     """Expert tensors of one checkpoint, in the record orientation transformers uses in memory."""
 
-    def __init__(self, model_dir: Path, arch: Arch, num_experts: int, dtype: torch.dtype) -> None:
+    def __init__(self, model_dir: Path, arch: Arch, num_experts: int, dtype: torch.dtype,
+                 num_layers: int | None = None) -> None:
+        """`num_layers`: the model's decoder layers; experts of extra layers (DeepSeek-V3's MTP layer) are ignored."""
         self.model_dir, self.arch, self.num_experts, self.dtype = Path(model_dir), arch, num_experts, dtype
         self.files = sorted(self.model_dir.glob("*.safetensors"))
         if not self.files:
@@ -31,6 +34,17 @@ class CheckpointSource:
                                f"checkpoints (re-save the model with save_pretrained(safe_serialization=True))")
         self._handles = {f: safe_open(str(f), framework="pt") for f in self.files}
         self._where: dict[tuple, tuple[Path, str]] = {}  # (layer, expert|None, role) -> (file, tensor name)
+        self._scan(arch, num_layers)
+        if not self._where and not arch.fused:  # saved in transformers v5's in-memory (fused) layout instead
+            self.arch = arch = replace(arch, pattern=V5_FUSED, roles=V5_FUSED_ROLES)
+            self._scan(arch, num_layers)
+        if not self._where:
+            raise OffloadError(f"found no expert tensors in {self.model_dir} (expected names like "
+                               f"{arch.pattern!r}); is this checkpoint complete?")
+        self.layers = sorted({k[0] for k in self._where})
+        self.layout = self._dense_layout()
+
+    def _scan(self, arch: Arch, num_layers: int | None) -> None:
         pattern = re.compile(arch.pattern)
         for f, h in self._handles.items():
             for name in h.keys():
@@ -41,12 +55,8 @@ class CheckpointSource:
                 if m:
                     g = m.groups()
                     layer, expert = int(g[0]), (int(g[1]) if len(g) == 3 else None)
-                    self._where[(layer, expert, arch.roles[g[-1]])] = (f, name)
-        if not self._where:
-            raise OffloadError(f"found no expert tensors in {self.model_dir} (expected names like "
-                               f"{arch.pattern!r}); is this checkpoint complete?")
-        self.layers = sorted({k[0] for k in self._where})
-        self.layout = self._dense_layout()
+                    if num_layers is None or layer < num_layers:
+                        self._where[(layer, expert, arch.roles[g[-1]])] = (f, name)
 
     # --- shapes -----------------------------------------------------------------------------------
     def _shape(self, layer: int, role: str) -> tuple[int, ...] | None:
@@ -139,5 +149,5 @@ def open_checkpoint(model_dir, dtype: torch.dtype):
         raise OffloadError(f"cannot read {path / 'config.json'}: {str(e).splitlines()[0]}") from None
     arch = arch_for(hf_config)
     text = hf_config.get_text_config()
-    source = CheckpointSource(path, arch, int(getattr(text, arch.num_experts)), dtype)
+    source = CheckpointSource(path, arch, int(getattr(text, arch.num_experts)), dtype, text.num_hidden_layers)
     return hf_config, arch, source, int(text.num_experts_per_tok)

@@ -126,7 +126,7 @@ def test_quantized_store_offloading_stays_lossless(bits, tiny_dir, tmp_path):
                                            predictor="gate")
     assert torch.equal(greedy(full, ids), greedy(small, ids))
     s = small.stats()
-    assert s["bytes_loaded"]["disk"] == s["loads"] * small.engine.store.record_bytes
+    assert 0 < s["bytes_loaded"]["disk"] <= s["loads"] * small.engine.store.record_bytes  # lz4 records read less
     assert small.engine.store.record_bytes < full.source.layout.nbytes  # really compressed
 
 
@@ -169,3 +169,26 @@ def test_group_size_that_does_not_divide_is_named(tiny_dir, tmp_path):
 
     with pytest.raises(OffloadError, match="int4-g128 needs the experts' input sizes"):
         OffloadedModel.from_pretrained(tiny_dir("mixtral"), bits=4, store="disk", store_dir=tmp_path / "s")
+
+
+def test_checkpoint_saved_in_fused_v5_layout(tiny_dir, tmp_path):
+    """A checkpoint whose experts are stored fused ([E, 2I, H], transformers' in-memory layout) loads too."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_dir("qwen3_moe")
+    shutil.copytree(src, tmp_path / "m")
+    f = next((tmp_path / "m").glob("*.safetensors"))
+    t = load_file(f)
+    for layer in range(3):
+        p = f"model.layers.{layer}.mlp.experts"
+        gate = [t.pop(f"{p}.{e}.gate_proj.weight") for e in range(8)]
+        up = [t.pop(f"{p}.{e}.up_proj.weight") for e in range(8)]
+        down = [t.pop(f"{p}.{e}.down_proj.weight") for e in range(8)]
+        t[f"{p}.gate_up_proj"] = torch.stack([torch.cat([g, u]) for g, u in zip(gate, up)])
+        t[f"{p}.down_proj"] = torch.stack(down)
+    save_file(t, f, metadata={"format": "pt"})
+    ids = prompt(6)
+    want = greedy(reference(src), ids)
+    assert torch.equal(greedy(OffloadedModel.from_pretrained(tmp_path / "m", cache_experts=3), ids), want)
