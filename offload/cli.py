@@ -43,9 +43,9 @@ def load(model_dir: Optional[Path], console: Console, quiet: bool = False, **opt
         fail(f"the demo model is missing from this installation ({DEMO_MODEL}); pass MODEL_DIR")
     options = {k: v for k, v in options.items() if v is not None}
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    with console.status(f"loading {path.name} ...", spinner="dots"):
-        return OffloadedModel.from_pretrained(path, progress=not quiet,
-                                              on_plan=None if quiet else plan_printer(console), **options)
+    console.print(f"loading {path} ...")  # conversion (first use of a disk store) and loading draw their own bars
+    return OffloadedModel.from_pretrained(path, progress=not quiet, on_plan=None if quiet else plan_printer(console),
+                                          **options)
 
 
 def _bits(value: Optional[str]):
