@@ -44,8 +44,9 @@ class Engine:
         mask = torch.nn.functional.one_hot(top_k_index, num_classes=E + 1).permute(2, 1, 0)  # [E+1, k, T]
         uses = mask.sum(dim=(-1, -2))                                                     # [E+1]
         experts = [e for e in torch.greater(uses, 0).nonzero()[:, 0].tolist() if e < E]    # ascending, as eager
-        self._observe(layer, hidden, top_k_index, top_k_weights)
-        for w, linear, (top_k_pos, token_idx) in self._each_expert(layer, experts, uses, top_k_weights, mask):
+        observe = lambda: self._observe(layer, hidden, top_k_index, top_k_weights)  # noqa: E731
+        for w, linear, (top_k_pos, token_idx) in self._each_expert(layer, experts, uses, top_k_weights, mask,
+                                                                    observe):
             y = expert_ffn(module, w, hidden[token_idx], linear)
             y = y * top_k_weights[token_idx, top_k_pos, None]
             final.index_add_(0, token_idx, y.to(final.dtype))
@@ -63,19 +64,22 @@ class Engine:
         uses = torch.cat([active.sum(-1), active.new_zeros(1)])        # [E+1]
         experts = active.any(-1).nonzero()[:, 0].tolist()
         index = active.T.float().topk(self.top_k, dim=-1).indices      # [T, k]: the router's choice
-        self._observe(layer, None, index, None)
-        for w, linear, i in self._each_expert(layer, experts, uses, None, None):
+        observe = lambda: self._observe(layer, None, index, None)  # noqa: E731
+        for w, linear, i in self._each_expert(layer, experts, uses, None, None, observe):
             e = experts[i]
             out[e] = expert_ffn(module, w, x[e], linear)
         return out.view(-1, hidden.shape[-1])
 
-    def _each_expert(self, layer, experts, uses, top_k_weights, mask):
-        """Yield (slot views, token selection) per expert, with this layer's keys pinned while they compute."""
+    def _each_expert(self, layer, experts, uses, top_k_weights, mask, observe):
+        """Yield (slot views, linear, token selection) per expert, with this layer's keys pinned while they
+        compute. `observe` (predict + submit prefetches) runs once they are pinned, so a prefetch can never
+        evict an expert this layer is about to use."""
         keys = [(layer, e) for e in experts]
         pin_all = len(keys) <= self.cache.capacity - self.prefetcher.in_flight()
         if pin_all:
             for k in keys:
                 self.cache.pin(k)
+        observe()
         try:
             for i, (key, e) in enumerate(zip(keys, experts)):
                 if mask is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import re
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +40,7 @@ class OffloadedModel:
                  plan: MemoryPlan, tokenizer=None) -> None:
         self.model, self.engine, self.config, self.arch, self.source = model, engine, config, arch, source
         self.plan, self.tokenizer = plan, tokenizer
+        self._finalizer = weakref.finalize(self, _shutdown, engine)  # stops the prefetch thread when dropped
 
     # --- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -137,8 +139,8 @@ class OffloadedModel:
         c.hits = c.misses = c.evictions = c.prefetch_inserts = 0
 
     def close(self) -> None:
-        self.engine.close()
-        self.engine.store.close()
+        """Stop the prefetch worker and close the store (also done when the model is garbage-collected)."""
+        self._finalizer()
 
     def __enter__(self) -> OffloadedModel:
         return self
@@ -148,6 +150,11 @@ class OffloadedModel:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+def _shutdown(engine: Engine) -> None:
+    engine.close()
+    engine.store.close()
+
+
 def make_cache_policy(name: str, capacity: int, moe_layers: list[int], top_k: int):
     """The engine's policy object; the simulator builds the same one (`cache.simulate.build_policy`)."""
     if name == "belady":

@@ -99,6 +99,7 @@ def test_demand_steals_a_queued_prefetch_and_close_is_clean():
     pf.submit(keys)
     slot = pf.fetch((0, 7))  # last in the queue: loaded at once by the caller, not after the other 7
     assert (int(slots.buf[slot, 0]), int(slots.buf[slot, 1])) == (0, 7)
+    worker = pf._worker
     pf.close()
-    assert not [t for t in threading.enumerate() if t.name == "moe-offload-prefetch"]
+    assert worker is not None and not worker.is_alive()
     assert not cache.pinned()
