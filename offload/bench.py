@@ -434,6 +434,15 @@ def run(
 
 
 def main() -> None:
+    from offload import bench_predictors
+
+    bench_predictors.register(app)
+    for extra in ("bench_formats", "bench_peers"):  # registered once those modules land
+        try:
+            module = __import__(f"offload.{extra}", fromlist=["register"])
+        except ImportError:
+            continue
+        module.register(app)
     _run(app)
 
 

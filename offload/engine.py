@@ -79,8 +79,8 @@ class Engine:
         if pin_all:
             for k in keys:
                 self.cache.pin(k)
-        observe()
         try:
+            observe()
             for i, (key, e) in enumerate(zip(keys, experts)):
                 if mask is not None:
                     top_k_pos, token_idx = torch.where(mask[e])

@@ -103,7 +103,28 @@ class GatePredictor(BasePredictor):
         targets = [t for t in self.targets(layer) if t in self.routers]
         if not targets or hidden.numel() == 0:
             return {}
+        E = self.num_experts
+        if hidden.reshape(-1, hidden.shape[-1]).shape[0] == 1:
+            return self._predict_one(targets, hidden)
         parts = [torch.cat(self._ranked(*self.route(t, hidden))) for t in targets]
         rows = torch.stack(parts).tolist()  # one device sync for all targets
-        E = self.num_experts
         return {t: row[:E][: max(row[E], self.width)] for t, row in zip(targets, rows)}
+
+    def _predict_one(self, targets: list[int], hidden: Tensor) -> dict[int, list[int]]:
+        """predict() for one token (decode), with a few tensor ops per target instead of a dozen: the same
+        ranking (selected experts by logit, then the rest by logit), finished in Python."""
+        E = self.num_experts
+        parts = []
+        for t in targets:
+            index, logits = self.route(t, hidden)
+            by_logit = torch.argsort(logits.float().reshape(-1), descending=True, stable=True)
+            parts.append(torch.cat([by_logit, index.reshape(-1).to(by_logit.dtype)]))
+        rows = torch.stack(parts).tolist()  # one device sync for all targets
+        out = {}
+        for t, row in zip(targets, rows):
+            chosen = {e for e in row[E:] if 0 <= e < E}
+            ranked = [e for e in row[:E] if e in chosen]
+            n = len(ranked)
+            ranked += [e for e in row[:E] if e not in chosen]
+            out[t] = ranked[: max(n, self.width)]
+        return out

@@ -20,24 +20,37 @@ class PreviousPredictor(BasePredictor):
     def __init__(self, moe_layers: list[int], num_experts: int, top_k: int, lookahead: int = 1):
         super().__init__(moe_layers, num_experts, top_k, lookahead)
         self._last: dict[int, Tensor] = {}
+        self._ranked: dict[int, list[int]] = {}
 
     def observe(self, layer: int, experts: Tensor) -> None:
         self._last[layer] = torch.as_tensor(experts).detach()
+        self._ranked.pop(layer, None)
 
     def predict(self, layer: int, hidden: Tensor) -> dict[int, list[int]]:
         out = {}
         for t in self.targets(layer):
-            ids = self._last.get(t)
-            if ids is None:
-                continue
-            ids = ids.reshape(-1, ids.shape[-1] if ids.dim() else 1)
-            ranked = rank_by_count(ids, self.num_experts, column_score(ids, self.num_experts))
+            ranked = self._ranked.get(t)
+            if ranked is None:
+                ids = self._last.get(t)
+                if ids is None:
+                    continue
+                ranked = self._ranked[t] = self._rank(ids)  # once per observation, not once per asking layer
             if ranked:
-                out[t] = ranked
+                out[t] = list(ranked)
         return out
+
+    def _rank(self, ids: Tensor) -> list[int]:
+        ids = ids.reshape(-1, ids.shape[-1] if ids.dim() else 1)
+        E = self.num_experts
+        if ids.shape[0] == 1:  # one token (decode): its valid ids in column order, i.e. the router's order
+            row = [e for e in ids[0].tolist() if 0 <= e < E]
+            if len(set(row)) == len(row):  # (a repeated id would rank first by count: the general path)
+                return row
+        return rank_by_count(ids, E, column_score(ids, E))
 
     def reset(self) -> None:
         self._last.clear()
+        self._ranked.clear()
 
 
 class FrequencyPredictor(BasePredictor):
