@@ -1,7 +1,8 @@
 """CheckpointSource: one expert at a time, straight out of a Hugging Face checkpoint's safetensors (mmap).
 
 Transformers never sees the expert tensors (they are dropped at construction); we read expert `e` of
-layer `l` with `safe_open(...).get_slice(name)`, so loading a checkpoint never pulls all experts into RAM.
+layer `l` with one pread (`SafetensorsFile`), so neither loading nor converting a checkpoint pulls all
+experts into RAM, not even as mapped pages.
 """
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from offload.arch import V5_FUSED, V5_FUSED_ROLES, Arch, arch_for
 from offload.errors import OffloadError
 from offload.layout import ExpertLayout, TensorSpec
+from offload.safetensors_file import SafetensorsFile
 
 Key = tuple[int, int]
 
@@ -32,7 +33,7 @@ class CheckpointSource:
         if not self.files:
             raise OffloadError(f"no *.safetensors files in {self.model_dir}; moe-offload reads safetensors "
                                f"checkpoints (re-save the model with save_pretrained(safe_serialization=True))")
-        self._handles = {f: safe_open(str(f), framework="pt") for f in self.files}
+        self._handles = {f: SafetensorsFile(f) for f in self.files}
         self._where: dict[tuple, tuple[Path, str]] = {}  # (layer, expert|None, role) -> (file, tensor name)
         self._scan(arch, num_layers)
         if not self._where and not arch.fused:  # saved in transformers v5's in-memory (fused) layout instead
@@ -63,7 +64,7 @@ class CheckpointSource:
         hit = self._where.get((layer, None if self.arch.fused else 0, role))
         if hit is None:
             return None
-        shape = tuple(self._handles[hit[0]].get_slice(hit[1]).get_shape())
+        shape = self._handles[hit[0]].shape(hit[1])
         return shape[1:] if self.arch.fused else shape
 
     def _dense_layout(self) -> ExpertLayout:
@@ -90,8 +91,7 @@ class CheckpointSource:
         if hit is None:
             raise OffloadError(f"checkpoint {self.model_dir} lacks tensor {role} of expert {expert} in layer {layer}; "
                                f"the checkpoint is incomplete")
-        sl = self._handles[hit[0]].get_slice(hit[1])
-        return sl[expert] if self.arch.fused else sl[:]
+        return self._handles[hit[0]].read(hit[1], expert if self.arch.fused else None)
 
     def read(self, key: Key) -> dict[str, torch.Tensor]:
         """Expert `key` as record tensors (gate_up, down, biases) in the model dtype."""
@@ -112,16 +112,14 @@ class CheckpointSource:
         for h in self._handles.values():
             for name in h.keys():
                 if name not in experts:
-                    total += math.prod(h.get_slice(name).get_shape()) * self.dtype.itemsize
+                    total += math.prod(h.shape(name)) * self.dtype.itemsize
         return total
 
     def fingerprint(self) -> str:
         """Identifies this checkpoint cheaply: config.json plus every safetensors header (names, shapes, offsets)."""
         h = hashlib.sha256((self.model_dir / "config.json").read_bytes())
-        for f in self.files:
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                h.update(f.name.encode() + fh.read(n))
+        for f, st in self._handles.items():
+            h.update(f.name.encode() + st.header_bytes)
         return h.hexdigest()[:32]
 
 

@@ -1,0 +1,143 @@
+"""offload-bench formats: the JSON on a tiny checkpoint, the sliding-window perplexity, bad input, and the
+converter's peak memory on ~200 MB of experts (measured in a subprocess, as the benchmark measures it)."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from offload.bench import app
+from offload.bench_formats import agreement, convert_in_subprocess, perplexity, register
+from tiny_models import build
+
+register(app)  # idempotent: a no-op once offload/bench.py registers it itself
+runner = CliRunner()
+
+# hidden 64 / intermediate 96 in the tiny models: only group size 32 divides both
+FORMATS = "bf16,int8,int4-g32,int3-g32,int2-g32,ternary"
+
+
+def _text(path, words: int = 500, vocab: int = 96):
+    rng = random.Random(0)
+    path.write_text(" ".join(f"w{rng.randrange(vocab - 3)}" for _ in range(words)))
+    return path
+
+
+def test_formats_json_on_a_tiny_checkpoint(tiny_dir, tmp_path):
+    model = tiny_dir("mixtral")
+    args = ["formats", str(model), "--formats", FORMATS, "--text", str(_text(tmp_path / "heldout.txt")),
+            "--tokens", "16", "--repeats", "1", "--json", str(tmp_path / "f.json"), "--work-dir", str(tmp_path / "w")]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "f.json").read_text())
+    rows = res["formats"]
+    assert list(rows) == FORMATS.split(",") and all(v["status"] == "ok" for v in rows.values())
+    bits = {f: v["size"]["bits_per_param"] for f, v in rows.items()}
+    assert bits["bf16"] == 16
+    assert bits["int8"] > bits["int4-g32"] > bits["int3-g32"] > bits["int2-g32"] > bits["ternary"] > 1.58
+    assert rows["bf16"]["agreement"] == 1.0 and rows["bf16"]["first_divergence"] is None
+    assert rows["int8"]["agreement"] > 0.5  # int8 is near-lossless even on a random model
+    assert all(math.isfinite(v["perplexity"]) and v["perplexity"] > 1 for v in rows.values())
+    assert res["text"]["tokens_scored"] == res["text"]["tokens"] - 1 and res["text"]["window"] == 256
+    assert [s["format"] for s in res["speed"]] == ["bf16", "int8", "int4-g32"]
+    assert all(s["tok_s"] > 0 and s["hit_rate"] == 1.0 for s in res["speed"])
+    conv = rows["int8"]["convert"]
+    assert conv["when"] == "this run" and conv["seconds"] > 0 and conv["peak_rss"] > 0
+    for title in ("quality", "size", "decode speed", "converter"):
+        assert title in r.output
+
+    # a second run reuses the converted stores and reports the first conversion's numbers
+    r = runner.invoke(app, [*args[:3], "bf16,int8", *args[4:]])
+    assert r.exit_code == 0, r.output
+    again = json.loads((tmp_path / "f.json").read_text())["formats"]["int8"]
+    assert again["convert"]["when"] == "earlier run" and again["perplexity"] == rows["int8"]["perplexity"]
+
+
+def test_formats_that_do_not_divide_are_skipped_with_the_reason(tiny_dir, tmp_path):
+    r = runner.invoke(app, ["formats", str(tiny_dir("mixtral")), "--formats", "int4-g128", "--text",
+                            str(_text(tmp_path / "t.txt", 100)), "--tokens", "4", "--repeats", "1",
+                            "--json", str(tmp_path / "f.json"), "--work-dir", str(tmp_path / "w")])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "f.json").read_text())
+    assert res["formats"]["int4-g128"]["status"] == "skipped" and "divisible" in res["skipped"]["int4-g128"]
+    assert "skipped int4-g128" in r.output
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--formats", "int5"], "unknown weight format"),
+    (["--formats", "int8-g32"], "takes no group size"),
+    (["--text", "/nonexistent/heldout.txt"], "does not exist"),
+])
+def test_bad_input_is_one_red_line_and_exit_2(tiny_dir, tmp_path, extra, message):
+    r = runner.invoke(app, ["formats", str(tiny_dir("mixtral")), "--work-dir", str(tmp_path), *extra])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+    assert len(r.output.strip().splitlines()) <= 2
+
+
+def test_missing_model_dir_is_one_red_line(tmp_path):
+    r = runner.invoke(app, ["formats", str(tmp_path / "nope"), "--text", str(_text(tmp_path / "t.txt", 50))])
+    assert r.exit_code == 2 and "does not exist" in r.output
+
+
+class _Bigram:
+    """A fake model whose logits at position t depend only on token t: any window gives the same scores."""
+
+    def __init__(self, vocab: int = 11) -> None:
+        self.table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0))
+
+    def __call__(self, ids, use_cache=False):
+        return type("Out", (), {"logits": self.table[ids]})
+
+
+@pytest.mark.parametrize("window", [2, 5, 16, 37, 100])
+def test_sliding_window_scores_every_token_once(window):
+    model = _Bigram()
+    ids = torch.randint(0, 11, (1, 37), generator=torch.Generator().manual_seed(1))
+    full = torch.nn.functional.cross_entropy(model.table[ids[0, :-1]], ids[0, 1:]).exp().item()
+    ppl, n = perplexity(model, ids, window)
+    assert n == 36 and ppl == pytest.approx(full, rel=1e-6)
+
+
+def test_agreement():
+    assert agreement([1, 2, 3, 4], [1, 2, 3, 4]) == (1.0, None)
+    assert agreement([1, 2, 3, 4], [1, 9, 3, 4]) == (0.75, 1)
+    assert agreement([1, 2], [5, 6]) == (0.0, 0)
+
+
+EXPERT_BYTES = 4 * 8 * 3 * 512 * 2048 * 2  # 4 layers x 8 experts x (gate, up, down) of 512 x 2048, bf16
+
+
+@pytest.fixture(scope="module")
+def converted_200mb(tmp_path_factory):
+    """~200 MB of bf16 experts converted with bits=8 by the benchmark's probe (a subprocess, VmHWM reset first)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self/status")
+    tmp = tmp_path_factory.mktemp("convert-200mb")
+    model = build("mixtral", tmp / "ckpt", dtype=torch.bfloat16, hidden_size=512, intermediate_size=2048,
+                  vocab_size=512, num_hidden_layers=4)
+    (r,) = convert_in_subprocess([{"model_dir": model, "store_dir": tmp / "store", "bits": 8}])
+    return r, json.loads((tmp / "store" / "index.json").read_text())
+
+
+def test_converter_allocates_far_less_than_the_expert_bytes(converted_200mb):
+    """Streaming one expert at a time: the converter's own (anonymous) memory is a few experts' worth of working
+    copies (fp32 matrices while quantizing; 38-66 MiB here, varying with malloc), not the 192 MiB of experts.
+    A converter holding every expert would grow by more than the expert bytes."""
+    r, index = converted_200mb
+    assert EXPERT_BYTES > 190 * 2**20 and index["num_records"] == len(index["records"]) == 32
+    assert r["isolated"] and r["peak_rss"] > r["baseline_rss"] > 0 and r["seconds"] > 0
+    assert r["anon_growth_sampled"] < 0.5 * EXPERT_BYTES, f"grew {r['anon_growth_sampled'] / 2**20:.0f} MiB"
+
+
+@pytest.mark.xfail(strict=True, reason="the source reads experts through safetensors' mmap: every checkpoint page "
+                   "it touched stays mapped (file-backed RSS, reclaimable) until the source closes, so peak RSS "
+                   "grows by about the expert bytes; reading with pread (or dropping the mapping) would fix it")
+def test_converter_peak_rss_growth_including_mapped_checkpoint_pages(converted_200mb):
+    r, _ = converted_200mb
+    assert r["rss_growth"] < 0.5 * EXPERT_BYTES, (f"peak RSS grew {r['rss_growth'] / 2**20:.0f} MiB, "
+                                                  f"{r['file_growth_sampled'] / 2**20:.0f} MiB of it file-backed")
