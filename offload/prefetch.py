@@ -189,7 +189,7 @@ class Prefetcher:
         """Read `key` from the store into `slot`; returns a CUDA event on GPU (None on CPU)."""
         t0 = time.perf_counter()
         if self.cuda:
-            event = self._load_cuda(key, slot)
+            event, n = self._load_cuda(key, slot)
         else:
             event = None
             if self.transform is None:
@@ -217,7 +217,7 @@ class Prefetcher:
         except RuntimeError:  # pinning refused: pageable staging still works, without overlap
             return torch.empty(nbytes, dtype=torch.uint8)
 
-    def _load_cuda(self, key: Key, slot: int):
+    def _load_cuda(self, key: Key, slot: int) -> tuple[torch.cuda.Event, int]:
         with self._staging_lock:
             i = self._next_staging
             self._next_staging = (i + 1) % len(self._staging)
@@ -234,4 +234,4 @@ class Prefetcher:
             event = torch.cuda.Event()
             event.record(self._copy_stream)
         self._staging_events[i] = event
-        return event
+        return event, n

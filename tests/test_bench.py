@@ -84,6 +84,44 @@ def test_measure_local_is_a_positive_profile():
     assert cm.cpu_engine_tok_s(cm.preset("Mixtral-8x7B"), local, 0.5) > 0
 
 
+def test_local_engine_model_known_answers():
+    """The calibrated CPU-engine model, term by term, on a synthetic profile (no timing)."""
+    cfg = dict(model_type="mixtral", num_hidden_layers=4, hidden_size=1000, intermediate_size=500,
+               num_local_experts=8, num_experts_per_tok=2, num_attention_heads=10, num_key_value_heads=5,
+               vocab_size=2000, tie_word_embeddings=False)
+    shape = cm.ModelShape.from_config(cfg)
+    assert shape.vocab == 2000 and shape.read_params_per_token == shape.non_expert_params - 2000 * 1000
+    prof = cm.LocalProfile(gemv_bw={"bf16": 1e9, "int8": 2e9}, store_bw={"ram": 0.5e9}, token_s=1e-3,
+                           layer_s=1e-4, expert_s=1e-5, load_s=2e-5)
+    e_bytes = 3 * 1000 * 500 * 2                              # one bf16 expert
+    gemv = (shape.read_params_per_token * 2 + 8 * e_bytes) / 1e9  # 4 layers x top-2 = 8 active experts
+    base = 1e-3 + gemv + 4 * 1e-4 + 8 * 1e-5
+    assert cm.local_decode_seconds(shape, prof, 1.0) == pytest.approx(base)
+    miss = 8 * 0.25 * (e_bytes / 0.5e9 + 2e-5)                  # h = 0.75: 2 misses per token
+    assert cm.local_decode_seconds(shape, prof, 0.75) == pytest.approx(base + miss)
+    assert cm.local_decode_seconds(shape, prof, 0.75, record_bytes=1e6) == pytest.approx(
+        base + 2 * (1e6 / 0.5e9 + 2e-5))
+    assert cm.local_tok_s(shape, prof, 1.0) == pytest.approx(1 / base)
+    int8 = cm.local_decode_seconds(shape, prof, 1.0, fmt="int8")  # experts at 1 byte/weight, twice the bandwidth
+    assert int8 == pytest.approx(base - 8 * e_bytes / 1e9 + 8 * (e_bytes / 2) / 2e9)
+    # with the model's config and per-shape GEMV times, GEMVs cost their measured calls instead
+    plan = cm.gemv_plan(cfg)
+    assert {(n, k): c for r, n, k, c in plan if r == "expert"} == {(1000, 1000): 8, (1000, 500): 8}
+    assert (2000, 1000, 1) == next((n, k, c) for r, n, k, c in plan if n == 2000)  # lm_head once
+    timed = cm.LocalProfile(**{**vars(prof), "gemv_s": {(n, k): 1e-6 for _r, n, k, _c in plan}})
+    calls = sum(c for *_x, c in plan)
+    assert calls == 4 + 8 + 4 + 4 + 16 + 1                        # q, k+v, o, router, experts, lm_head
+    assert cm.local_decode_seconds(shape, timed, 1.0, config=cfg) == pytest.approx(
+        1e-3 + calls * 1e-6 + 4 * 1e-4 + 8 * 1e-5)
+    with pytest.raises(ValueError, match="no calibration"):
+        cm.local_decode_seconds(shape, prof, 1.0, fmt="int4")
+    with pytest.raises(ValueError, match="hit rate"):
+        cm.local_decode_seconds(shape, prof, 1.5)
+    # more overhead or less bandwidth: slower; more hits: faster
+    slower = cm.LocalProfile(**{**vars(prof), "layer_s": 2e-4, "store_bw": {"ram": 0.25e9}})
+    assert cm.local_tok_s(shape, slower, 0.5) < cm.local_tok_s(shape, prof, 0.5) < cm.local_tok_s(shape, prof, 0.9)
+
+
 # --- CLI runs --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def recorded(tiny_dir, tmp_path_factory):
