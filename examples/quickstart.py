@@ -5,8 +5,6 @@
 import sys
 from pathlib import Path
 
-import torch
-
 from offload import OffloadedModel
 
 model_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parents[1] / "offload" / "demo_model"

@@ -220,7 +220,6 @@ def heldout_ids(tokenizer, path: Path, limit: int):
 def perplexity(model, ids, window: int) -> tuple[float, int]:
     """(perplexity, tokens scored) of ids [1, T]: windows of `window` tokens every window // 2 tokens, each token
     scored once, by the first window that contains it beyond the previous window's end."""
-    import torch
     import torch.nn.functional as F
 
     T = ids.shape[1]
