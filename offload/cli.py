@@ -77,9 +77,15 @@ def chat(
     predictor: Optional[str] = typer.Option(None, help="expert predictor for prefetch: gate, previous, ..."),
     lookahead: int = typer.Option(1, help="MoE layers the predictor looks ahead"),
     context: Optional[int] = typer.Option(None, help="context length to plan the KV cache for"),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for torch [default: half the cores]"),
 ) -> None:
     """Chat in the terminal, or answer one --prompt."""
+    import os
+
     import torch
+
+    # half the cores: single-token matmuls gain little from more, and an oversubscribed CPU spins
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
 
     from offload.chat import Chat, Settings
 
