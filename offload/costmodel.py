@@ -31,6 +31,8 @@ class ModelShape:
     expert_intermediate: int    # one expert's intermediate size
     non_expert_params: float    # attention, embeddings, routers, shared experts, dense MLPs
     kv_bytes_per_token: int = 0  # bf16 KV cache (MLA: the compressed latent)
+    vocab: int = 0              # 0: unknown (presets); used by the local CPU-engine model
+    tied_embeddings: bool = False
 
     def __post_init__(self) -> None:
         assert 0 < self.moe_layers <= self.layers, f"{self.name}: moe_layers {self.moe_layers} of {self.layers}"
@@ -86,7 +88,14 @@ class ModelShape:
         non_expert = (embed + layers * attn + len(moe) * (hidden * int(experts) + shared)
                       + (layers - len(moe)) * 3 * hidden * inter)
         return cls(name or c.get("model_type", "model"), layers, len(moe), int(experts), int(top_k), hidden,
-                   expert_inter, float(non_expert), kv)
+                   expert_inter, float(non_expert), kv, vocab, bool(c.get("tie_word_embeddings")))
+
+    @property
+    def read_params_per_token(self) -> float:
+        """Non-expert weights one decoded token reads: all of them except an untied input embedding
+        table, of which it reads one row (the lm_head reads the whole [vocab, hidden] matrix)."""
+        unread = 0 if self.tied_embeddings else self.vocab * self.hidden
+        return self.non_expert_params - unread
 
 
 # Real shapes from the HF config.json files; non-expert params from anchors-systems.md 4.2.
@@ -291,6 +300,340 @@ def cpu_engine_tok_s(shape: ModelShape, local: Machine, hit_rate: float, bytes_p
     return 1 / t
 
 
+
+# --- the CPU engine on this machine, calibrated --------------------------------------------------
+@dataclass(frozen=True)
+class LocalProfile:
+    """Constants of this machine's CPU engine, each from a microbenchmark (`calibrate_local`), none
+    from the model being predicted. Seconds and bytes/s."""
+    gemv_bw: dict                # bytes/s of batch-1 GEMVs by weight format: bf16, int8, int4 (DRAM-sized matrices)
+    store_bw: dict               # bytes/s of one record read by tier ("ram": the checkpoint store's read_into)
+    token_s: float               # per token: generate bookkeeping, embedding, final norm, lm_head call, argmax
+    layer_s: float               # per decoder layer, experts aside: norms, attention, router, engine bookkeeping
+    expert_s: float              # per expert call (fetch on a hit, slot views, 2 GEMV calls, combine)
+    load_s: float = 0.0          # per miss beyond reading its bytes: cache eviction and bookkeeping
+    copy_bw: float = 0.0         # memcpy, for reference
+    gemv_s: dict = None          # {(N, K): seconds} of one bf16 F.linear at the model's own shapes (realistic reuse)
+    note: str = ""
+
+    def describe(self) -> str:
+        bw = ", ".join(f"{k} {v / GB:.1f}" for k, v in self.gemv_bw.items())
+        st = ", ".join(f"{k} {v / GB:.2f}" for k, v in self.store_bw.items())
+        shapes = "; GEMV us at the model's shapes: " + ", ".join(
+            f"{n}x{k} {1e6 * v:.0f}" for (n, k), v in self.gemv_s.items()) if self.gemv_s else ""
+        return (f"GEMV GB/s {bw}{shapes}; store read GB/s {st}; memcpy {self.copy_bw / GB:.1f} GB/s; overheads: "
+                f"{1e3 * self.token_s:.2f} ms/token + {1e6 * self.layer_s:.0f} us/layer + {1e6 * self.expert_s:.0f} "
+                f"us/expert + {1e6 * self.load_s:.0f} us/miss")
+
+
+def local_decode_seconds(shape: ModelShape, prof: LocalProfile, hit_rate: float, fmt: str = "bf16",
+                         tier: str = "ram", record_bytes: float | None = None, config: dict | None = None) -> float:
+    """Seconds per decoded token of this project's CPU engine (batch 1):
+
+      fixed        token_s + lm_head and other non-expert weights / bf16 GEMV bandwidth
+      per layer    layers x layer_s
+      per expert   active experts x (expert_s + expert bytes / GEMV bandwidth of `fmt`)
+      per miss     (1 - h) x active experts x (record bytes / tier read bandwidth + load_s)
+
+    record_bytes: what one miss reads (default: the expert's weights in `fmt`). config: the model's
+    config.json; with it (and `prof.gemv_s` timed at its shapes) GEMVs cost their measured per-call time."""
+    if not 0.0 <= hit_rate <= 1.0:
+        raise ValueError(f"hit rate must be in [0, 1], got {hit_rate}")
+    if fmt not in prof.gemv_bw or tier not in prof.store_bw:
+        raise ValueError(f"no calibration for format {fmt!r} / tier {tier!r}: have {sorted(prof.gemv_bw)} / "
+                         f"{sorted(prof.store_bw)}")
+    bpw = {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0, "int8": 1.0, "int4": 4.125 / 8}[fmt]
+    e_bytes = shape.expert_params * bpw
+    rec = e_bytes if record_bytes is None else record_bytes
+    misses = (1.0 - hit_rate) * shape.active_experts
+    plan = gemv_plan(config) if config is not None else None
+    if plan and prof.gemv_s and all((n, k) in prof.gemv_s for _r, n, k, _c in plan):
+        # per-call times measured at the model's own GEMV shapes; int experts scaled by the kernels' bandwidth
+        scale = {"expert": prof.gemv_bw["bf16"] / prof.gemv_bw[fmt]}
+        gemv = sum(c * prof.gemv_s[(n, k)] * scale.get(r, 1.0) for r, n, k, c in plan)
+    else:  # bytes / bandwidth
+        gemv = (shape.read_params_per_token * 2.0 / prof.gemv_bw["bf16"]
+                + shape.active_experts * e_bytes / prof.gemv_bw[fmt])
+    return (prof.token_s + gemv + shape.layers * prof.layer_s + shape.active_experts * prof.expert_s
+            + misses * (rec / prof.store_bw[tier] + prof.load_s))
+
+
+def gemv_plan(config: dict) -> list[tuple[str, int, int, float]]:
+    """(role, N, K, calls per token) of every batch-1 matmul a decoded token makes: attention q/k/v/o,
+    dense MLPs, routers, shared experts, top-k x routed experts (fused gate_up [2I, H], down [H, I]),
+    lm_head. Empty for layouts it does not know (MLA): then bytes / bandwidth is used."""
+    c = config.get("text_config", config)
+    if c.get("kv_lora_rank"):
+        return []
+    shape = ModelShape.from_config(config)
+    H, L, moe = shape.hidden, shape.layers, shape.moe_layers
+    heads = int(c["num_attention_heads"])
+    kv = int(c.get("num_key_value_heads") or heads)
+    hd = int(c.get("head_dim") or H // heads)
+    I, inter = shape.expert_intermediate, int(c.get("intermediate_size") or 4 * H)
+    plan = [("dense", heads * hd, H, L), ("dense", kv * hd, H, 2 * L), ("dense", H, heads * hd, L),
+            ("dense", shape.experts, H, moe), ("expert", 2 * I, H, shape.active_experts),
+            ("expert", H, I, shape.active_experts), ("dense", shape.vocab or 32000, H, 1)]
+    if L > moe:
+        plan += [("dense", inter, H, 2 * (L - moe)), ("dense", H, inter, L - moe)]
+    si = int(c.get("shared_expert_intermediate_size") or 0) + int(c.get("n_shared_experts") or 0) * I
+    if si:
+        plan += [("dense", si, H, 2 * moe), ("dense", H, si, moe)]
+    return plan
+
+
+def gemv_seconds(plan, ring_bytes: float, seconds: float = 0.05) -> dict:
+    """{(N, K): seconds of one bf16 F.linear(x [1, K], W [N, K])}, cycling through copies of W that add up to
+    `ring_bytes` (beyond the last-level cache: weights stream from DRAM; small: cache-resident)."""
+    import torch
+    import torch.nn.functional as F
+
+    out = {}
+    for _r, n, k, _c in plan:
+        if (n, k) in out:
+            continue
+        copies = int(min(8192, max(2, ring_bytes // (n * k * 2))))
+        x = torch.randn(1, k, dtype=torch.bfloat16)
+        out[(n, k)] = _ring_call([torch.empty(n, k, dtype=torch.bfloat16).fill_(0.01) for _ in range(copies)],
+                                 lambda w, x=x: F.linear(x, w), seconds)
+    return out
+
+
+def local_tok_s(shape: ModelShape, prof: LocalProfile, hit_rate: float, **kw) -> float:
+    return 1.0 / local_decode_seconds(shape, prof, hit_rate, **kw)
+
+
+def _per_call(fn, seconds: float, min_calls: int = 1) -> float:
+    """Median-of-5 seconds per call of fn, about `seconds` in all (at least `min_calls` calls per run)."""
+    import statistics
+
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t0, 1e-7)
+    n = max(min_calls, int(seconds / 5 / once))
+    runs = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        runs.append((time.perf_counter() - t0) / n)
+    return statistics.median(runs)
+
+
+def _ring_call(ws: list, fn, seconds: float) -> float:
+    """Seconds per fn(w), w cycling through `ws` in a shuffled order (no stride the prefetcher could follow)."""
+    import torch
+
+    order = torch.randperm(len(ws), generator=torch.Generator().manual_seed(0)).tolist()
+    it = iter(range(1 << 62))
+    return _per_call(lambda: fn(ws[order[next(it) % len(ws)]]), seconds)
+
+
+def gemv_bandwidths(seconds: float = 0.2) -> dict:
+    """bytes/s of batch-1 matmuls over weights larger than the caches (a ring of 4096x4096 matrices):
+    bf16 F.linear, int8 `_weight_int8pack_mm`, int4 `_weight_int4pack_mm_for_cpu` (group 128)."""
+    import torch
+    import torch.nn.functional as F
+
+    N = K = 4096
+    ring = 256 << 20  # bytes cycled through: far beyond any last-level cache
+    x = torch.randn(1, K, dtype=torch.bfloat16)
+    out = {"bf16": N * K * 2 / _ring_call([torch.empty(N, K, dtype=torch.bfloat16).fill_(0.01)
+                                            for _ in range(ring // (N * K * 2))],
+                                           lambda w: F.linear(x, w), seconds)}
+    try:
+        s8 = torch.rand(N, dtype=torch.bfloat16)
+        out["int8"] = N * K / _ring_call([torch.empty(N, K, dtype=torch.int8).fill_(3) for _ in range(ring // (N * K))],
+                                         lambda w: torch._weight_int8pack_mm(x, w, s8), seconds)
+    except (RuntimeError, AttributeError):
+        pass
+    G = 128
+    try:
+        qsz = torch.rand(K // G, N, 2, dtype=torch.bfloat16)
+        out["int4"] = N * K * 4.125 / 8 / _ring_call(
+            [torch.empty(N, K // 2, dtype=torch.uint8).fill_(0x35) for _ in range(ring // (N * K // 2))],
+            lambda w: torch._weight_int4pack_mm_for_cpu(x, w, G, qsz), seconds)
+    except (RuntimeError, AttributeError):
+        pass
+    return out
+
+
+def store_read_seconds(store, keys, seconds: float = 0.2, slots: int = 4) -> float:
+    """Seconds to read one record of `store` (its real `read_into`), cycling over `keys` into `slots`
+    record buffers in turn, as misses land in different slots."""
+    import torch
+
+    bufs = [torch.zeros(store.record_bytes + 64, dtype=torch.uint8) for _ in range(slots)]
+    keys = list(keys)
+    it = iter(range(1 << 62))
+
+    def read():
+        i = next(it)
+        store.read_into(keys[i % len(keys)], bufs[i % slots])
+
+    return _per_call(read, seconds, min_calls=3)
+
+
+def _probe_config(config: dict, layers: int, top_k: int) -> dict:
+    """The model's config.json at toy width (hidden 64, vocab 512): same architecture, experts and
+    generate path, negligible bytes, so a decode step is all fixed overheads."""
+    c = dict(config)
+    small = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 64,
+             "shared_expert_intermediate_size": 64, "expert_intermediate_size": 64, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512, "first_k_dense_replace": 0,
+             "mlp_only_layers": [], "decoder_sparse_step": 1, "q_lora_rank": None, "kv_lora_rank": 32,
+             "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16}
+    for k, v in small.items():
+        if k in c:
+            c[k] = v
+    c["num_hidden_layers"] = layers
+    for k in ("num_experts_per_tok", "num_experts_per_token", "moe_topk"):
+        if k in c:
+            c[k] = top_k
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):  # kept: generate's stopping checks cost time
+        ids = c.get(k) if isinstance(c.get(k), list) else [c.get(k)]
+        if any(i is not None and not 0 <= int(i) < 512 for i in ids):
+            c[k] = None
+    c.pop("quantization_config", None)
+    return c
+
+
+def _probe_decode(models: dict, n: int, repeats: int) -> dict:
+    """{name: (seconds per decoded token, misses per token)} of OffloadedModels given as
+    {name: (model, cold)}, measured as `offload-bench run` does (N+1 tokens minus 1), interleaved
+    round-robin so a load change on a shared machine hits every probe alike; medians."""
+    import statistics
+
+    import torch
+
+    ids = torch.randint(3, 500, (1, 32), generator=torch.Generator().manual_seed(0))
+
+    def timed(model, cold, k):
+        if cold:
+            model.reset_cache()
+        else:
+            model.reset_stats()
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0,
+                       attention_mask=torch.ones_like(ids))
+        return time.perf_counter() - t0, model.stats()["misses"]
+
+    samples = {name: [] for name in models}
+    for name, (m, cold) in models.items():
+        timed(m, cold, 2)
+    for _ in range(repeats):
+        for name, (m, cold) in models.items():
+            t1, m1 = timed(m, cold, 1)
+            tn, mn = timed(m, cold, n + 1)
+            samples[name].append(((tn - t1) / n, (mn - m1) / n))
+    return {name: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))
+            for name, v in samples.items()}
+
+
+def calibrate_local(config: dict, store=None, store_keys=None, seconds: float = 0.2, threads: int = 1,
+                    probe_tokens: int = 24, probe_repeats: int = 5) -> LocalProfile:
+    """Calibrate the CPU-engine model on this machine, for a model of `config`'s architecture:
+
+    - GEMV bandwidths: `gemv_bandwidths` (bf16 / int8 / int4 kernels on 4096x4096 weights);
+    - store read: `store_read_seconds` on `store` (the model's own expert store), if given;
+    - overheads: toy-width probes of the same architecture (hidden 64, vocab 512: bytes are negligible)
+      decoded through OffloadedModel exactly as `offload-bench run` does: 1 vs 5 layers gives the
+      per-layer cost and the per-token intercept, top-k vs top-1 the per-expert cost, and a probe at a
+      small capacity the per-miss bookkeeping. The model being predicted is never timed."""
+    import contextlib
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        bw = gemv_bandwidths(seconds)
+        copy = _copy_bw(seconds)
+        from offload.model import OffloadedModel
+
+        c = config.get("text_config", config)
+        k = int(next(c[x] for x in ("num_experts_per_tok", "num_experts_per_token", "moe_topk") if c.get(x)))
+        k_lo = 1 if k > 1 else 2
+        LH = 5  # probe depths 1 and LH: per-layer cost = slope
+        E = int(next(c[x] for x in ("num_local_experts", "num_experts", "n_routed_experts") if c.get(x)))
+        with tempfile.TemporaryDirectory(prefix="offload-probe-") as tmp:
+            dirs = {}
+            for layers, kk in ((1, k), (LH, k), (LH, k_lo)):
+                d = Path(tmp) / f"L{layers}k{kk}"
+                d.mkdir()
+                cfg = _probe_config(c, layers, kk)
+                (d / "config.json").write_text(json.dumps(cfg))
+                if kk == k:
+                    _save_probe(d)
+                else:
+                    (d / "model.safetensors").symlink_to(dirs[(LH, k)] / "model.safetensors")
+                dirs[(layers, kk)] = d
+            gemv = {}
+            for key, d in dirs.items():  # the probes' own (cache-resident, tiny) GEMVs, taken out below
+                plan = gemv_plan(json.loads((d / "config.json").read_text()))
+                g = gemv_seconds(plan, 1 << 20, seconds / 10) if plan else {}
+                gemv[key] = sum(cnt * g[(n, kk)] for _r, n, kk, cnt in plan)
+            total = LH * E
+            with contextlib.ExitStack() as stack:
+                probes = {key: (stack.enter_context(OffloadedModel.from_pretrained(
+                    d, cache_experts=key[0] * E, policy="lru")), False) for key, d in dirs.items()}
+                probes["miss"] = (stack.enter_context(OffloadedModel.from_pretrained(
+                    dirs[(LH, k)], cache_experts=max(k + 1, total // 4), policy="lru")), True)
+                res = _probe_decode(probes, probe_tokens, probe_repeats)
+                store0 = probes[(LH, k)][0].engine.store
+                probe_read = store_read_seconds(store0, store0.keys(), seconds / 4)
+            t = {key: res[key][0] - gemv[key] for key in dirs}  # overheads only
+            t_miss, misses = res["miss"][0] - gemv[(LH, k)], res["miss"][1]
+        per_layer = (t[(LH, k)] - t[(1, k)]) / (LH - 1)
+        expert = (t[(LH, k)] - t[(LH, k_lo)]) / (LH * (k - k_lo))
+        layer = per_layer - k * expert
+        token = t[(1, k)] - per_layer
+        load = max(0.0, (t_miss - t[(LH, k)]) / misses - probe_read) if misses else 0.0
+        plan = gemv_plan(config)
+        # weights come from DRAM: on a shared machine the last-level cache does not survive one token
+        gs = gemv_seconds(plan, 256 << 20, seconds / 2) if plan else None
+        stores = {}
+        if store is not None:
+            stores[getattr(store, "tier", "ram")] = store.record_bytes / store_read_seconds(
+                store, store_keys or store.keys()[:8], seconds)
+    finally:
+        torch.set_num_threads(old)
+    return LocalProfile(bw, stores, token, layer, expert, load, copy, gs,
+                        note=f"{threads} thread(s); probe overheads per token: "
+                             + ", ".join(f"L{a}k{b} {1e3 * v:.2f} ms" for (a, b), v in t.items()))
+
+
+def _copy_bw(seconds: float) -> float:
+    import torch
+
+    src = torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    return src.numel() / _per_call(lambda: dst.copy_(src), seconds)
+
+
+def _save_probe(d) -> None:
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(d)
+    torch.manual_seed(0)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+        with torch.no_grad():  # spread the routing as a trained router would
+            for name, p in model.named_parameters():
+                if "experts" in name or "gate" in name or "router" in name:
+                    p.normal_(0, 0.2)
+        model.save_pretrained(d)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
 # The anchors' published numbers (docs/background.md, research/anchors-systems.md 2), as their authors report them.
 ANCHORS: list[tuple[str, str, str, str]] = [
     ("mixtral-offloading", "Mixtral-8x7B", "2.1-3.1 tok/s", "T4..A100, HQQ 2/3-bit experts, per-layer LRU"),
@@ -308,6 +651,7 @@ def with_vram(mach: Machine, vram_gb: float) -> Machine:
     return replace(mach, vram=vram_gb * GB, name=f"{mach.name}-{vram_gb:g}GB")
 
 
-__all__ = ["ANCHORS", "Fit", "GB", "MACHINES", "Machine", "ModelShape", "PRESETS", "Projection", "bits_per_weight",
-           "bytes_per_token", "cpu_engine_tok_s", "crossover_hit_rate", "expert_bytes", "fit", "machine",
-           "measure_local", "non_expert_bytes", "preset", "project", "with_vram"]
+__all__ = ["ANCHORS", "GB", "MACHINES", "PRESETS", "Fit", "LocalProfile", "Machine", "ModelShape", "Projection",
+           "bits_per_weight", "bytes_per_token", "calibrate_local", "cpu_engine_tok_s", "crossover_hit_rate",
+           "expert_bytes", "fit", "local_decode_seconds", "local_tok_s", "machine", "measure_local",
+           "non_expert_bytes", "preset", "project", "with_vram"]

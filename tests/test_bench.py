@@ -86,9 +86,9 @@ def test_measure_local_is_a_positive_profile():
 
 def test_local_engine_model_known_answers():
     """The calibrated CPU-engine model, term by term, on a synthetic profile (no timing)."""
-    cfg = dict(model_type="mixtral", num_hidden_layers=4, hidden_size=1000, intermediate_size=500,
-               num_local_experts=8, num_experts_per_tok=2, num_attention_heads=10, num_key_value_heads=5,
-               vocab_size=2000, tie_word_embeddings=False)
+    cfg = {"model_type": "mixtral", "num_hidden_layers": 4, "hidden_size": 1000, "intermediate_size": 500,
+           "num_local_experts": 8, "num_experts_per_tok": 2, "num_attention_heads": 10, "num_key_value_heads": 5,
+           "vocab_size": 2000, "tie_word_embeddings": False}
     shape = cm.ModelShape.from_config(cfg)
     assert shape.vocab == 2000 and shape.read_params_per_token == shape.non_expert_params - 2000 * 1000
     prof = cm.LocalProfile(gemv_bw={"bf16": 1e9, "int8": 2e9}, store_bw={"ram": 0.5e9}, token_s=1e-3,
