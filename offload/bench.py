@@ -400,48 +400,63 @@ def run(
             for i, m in enumerate(models):  # one discarded pass each: first-call costs stay out of the medians
                 measure_decode(m, ids, 1, cold=i > 0)
             samples: list[list[dict]] = [[] for _ in configs]
+            # the cost model is calibrated on microbenchmarks (never on these runs), once per round right
+            # after it, so a shared machine's load changes reach measurement and calibration alike
+            config = json.loads((Path(model_dir) / "config.json").read_text())
+            eng = models[-1].engine
+            profs = []
             for _ in range(repeats):
                 for i, m in enumerate(models):
                     samples[i].append(measure_decode(m, ids, max_new_tokens, cold=i > 0))
+                with out.status("calibrating the cost model ..."):
+                    profs.append(cm.calibrate_local(config, eng.store, eng.store.keys()[::3][:16], seconds=0.1,
+                                                    threads=threads, probe_repeats=3))
+            fmt = "bf16"
+            if eng.codec is not None:
+                kind = str(eng.store.format_of(eng.store.keys()[0]))
+                fmt = next((f for f in ("int8", "int4") if kind.startswith(f)), "bf16")
         finally:
             for m in models:
                 m.close()
-        shape = cm.ModelShape.from_config(json.loads((Path(model_dir) / "config.json").read_text()), model_dir.name)
-        local = cm.measure_local(seconds=0.2)
+        shape = cm.ModelShape.from_config(config, model_dir.name)
+        tier = eng.store.tier
         rows = []
         for (name, o), s in zip(configs, samples):
             med = {k: statistics.median(x[k] for x in s) for k in s[0]}
-            rows.append({"config": name, **o, **med,
-                         "predicted_tok_s": cm.cpu_engine_tok_s(shape, local, med["hit_rate"])})
+            pred = statistics.median(cm.local_tok_s(shape, p, med["hit_rate"], fmt=fmt, tier=tier,
+                                                    record_bytes=eng.store.record_bytes, config=config)
+                                     for p in profs)
+            rows.append({"config": name, **o, **med, "predicted_tok_s": pred,
+                         "predicted_error": pred / med["tok_s"] - 1})
+        prof = sorted(profs, key=lambda p: cm.local_decode_seconds(shape, p, 1.0, config=config))[len(profs) // 2]
         base = rows[0]["tok_s"]
         t = Table(title=f"measured decode on this machine: {model_dir.name}, {max_new_tokens} new tokens, "
                         f"median of {repeats}, store={store}")
         for col in ("config", "tok/s", "vs resident", "hit rate", "KB/token", "stall ms/tok", "prefetch useful/issued",
-                    "cost model tok/s"):
+                    "cost model tok/s", "model error"):
             t.add_column(col, justify="left" if col == "config" else "right")
         for r in rows:
             t.add_row(r["config"], f"{r['tok_s']:.1f}", f"{r['tok_s'] / base:.2f}x", f"{r['hit_rate']:.1%}",
                       f"{r['bytes_per_token'] / 1e3:.1f}", f"{r['stall_ms_per_token']:.2f}",
-                      f"{r['prefetch_useful']:.0f}/{r['prefetch_issued']:.0f}", f"{r['predicted_tok_s']:.0f}")
+                      f"{r['prefetch_useful']:.0f}/{r['prefetch_issued']:.0f}", f"{r['predicted_tok_s']:.1f}",
+                      f"{100 * r['predicted_error']:+.0f}%")
         out.print(t)
-        out.print(f"cost model: {local.note}; a roofline that ignores per-layer Python and kernel-launch overheads, "
-                  "so on small models it is far above the measured speed.", highlight=False)
+        out.print(f"cost model (offload.costmodel.local_decode_seconds, {fmt} experts, {tier} tier, at the measured hit "
+                  f"rate, median over {len(profs)} calibrations), calibrated on microbenchmarks, not on these runs; "
+                  f"median calibration: {prof.describe()}", highlight=False)
         if json_path is not None:
-            json_path.write_text(json.dumps({"model": str(model_dir), "local": local.note, "rows": rows}, indent=1,
-                                            default=str))
+            profiles = [{**vars(p), "gemv_s": {f"{n}x{k}": v for (n, k), v in (p.gemv_s or {}).items()}}
+                        for p in profs]
+            json_path.write_text(json.dumps({"model": str(model_dir), "local": prof.describe(),
+                                             "profiles": profiles, "rows": rows}, indent=1, default=str))
 
     _guard(go)
 
 
 def main() -> None:
-    from offload import bench_predictors
+    from offload import bench_formats, bench_peers, bench_predictors
 
-    bench_predictors.register(app)
-    for extra in ("bench_formats", "bench_peers"):  # registered once those modules land
-        try:
-            module = __import__(f"offload.{extra}", fromlist=["register"])
-        except ImportError:
-            continue
+    for module in (bench_formats, bench_predictors, bench_peers):
         module.register(app)
     _run(app)
 

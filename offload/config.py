@@ -49,6 +49,7 @@ class OffloadConfig:
     predictor: str | None = None        # expert predictor for prefetch (predictors.PREDICTORS); None = demand only
     lookahead: int = 1                  # how many MoE layers ahead the predictor looks
     prefetch_width: int | None = None   # experts prefetched per predicted layer (default: top_k)
+    prefetch_min_precision: float = 0.5  # pause prefetching while fewer predictions than this come true
     context: int | None = None          # tokens of KV cache to plan for (default: min(model max, 4096))
     trace: bool = False                 # record routing (experts and weights per token and layer)
     verify: bool = True                 # check each record's checksum when it is read from the disk store
@@ -82,6 +83,8 @@ class OffloadConfig:
             raise OffloadError(f"context must be a positive number of tokens, got {self.context}")
         if not 1 <= self.lookahead <= 8:
             raise OffloadError(f"lookahead must be between 1 and 8, got {self.lookahead}")
+        if not 0.0 <= self.prefetch_min_precision <= 1.0:
+            raise OffloadError(f"prefetch_min_precision must be in [0, 1], got {self.prefetch_min_precision}")
         if self.prefetch_width is not None and self.prefetch_width < 1:
             raise OffloadError(f"prefetch_width must be at least 1, got {self.prefetch_width}")
         from cache import POLICIES  # late: keeps `offload.config` importable alone

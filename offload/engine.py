@@ -16,10 +16,13 @@ from offload.slots import SlotPool
 from offload.stats import EngineStats
 
 
+PRECISION_EMA = 0.05  # weight of one decode step in the prefetch-precision average
+
+
 class Engine:
     def __init__(self, store, cache: ExpertCache, slots: SlotPool, num_experts: int, top_k: int,
                  moe_layers: list[int], predictor=None, prefetch_width: int | None = None,
-                 codec=None, tracer=None) -> None:
+                 codec=None, tracer=None, min_precision: float = 0.5) -> None:
         self.store, self.cache, self.slots = store, cache, slots
         self.num_experts, self.top_k, self.moe_layers = num_experts, top_k, moe_layers
         self.stats = EngineStats()
@@ -28,6 +31,9 @@ class Engine:
         self.predictor, self.tracer = predictor, tracer
         self.prefetch_width = prefetch_width or top_k
         self.codec = codec  # quantized records (None: dense weights in the slot)
+        self.min_precision = min_precision
+        self.precision = 1.0                    # EMA of prefetch precision, optimistic at the start
+        self._predicted: dict[int, set[int]] = {}  # target layer -> experts predicted for it this step
 
     # --- one layer -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -114,11 +120,30 @@ class Engine:
             self.tracer.record(layer, top_k_index, top_k_weights)
         if self.predictor is None:
             return
+        decode = top_k_index.shape[0] == 1
+        if decode:
+            self._score(layer, top_k_index)
         if hidden is not None:
             wanted = self.predictor.predict(layer, hidden)
             keys = [(tl, e) for tl, ids in wanted.items() for e in ids[: self.prefetch_width]]
-            self.prefetcher.submit(keys)
+            if decode:
+                for tl, ids in wanted.items():
+                    self._predicted[tl] = set(ids[: self.prefetch_width])
+            if self.precision >= self.min_precision:
+                self.prefetcher.submit(keys)
+            else:
+                self.stats.prefetch_suppressed += len(keys)
         self.predictor.observe(layer, top_k_index)
+
+    def _score(self, layer: int, top_k_index: torch.Tensor) -> None:
+        """Track how often predictions come true (EMA over decode steps). A wrong prefetch evicts an expert
+        that may be needed, so below `min_precision` prefetching pauses; predictions keep being scored, and
+        prefetching resumes as soon as they are right often enough again."""
+        predicted = self._predicted.pop(layer, None)
+        if predicted:
+            hit = len(predicted.intersection(top_k_index[0].tolist())) / len(predicted)
+            self.precision += PRECISION_EMA * (hit - self.precision)
+            self.stats.prefetch_precision = self.precision
 
     def close(self) -> None:
         self.prefetcher.close()

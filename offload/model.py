@@ -75,7 +75,8 @@ class OffloadedModel:
         engine = Engine(store, ExpertCache(capacity, make_cache_policy(cfg.policy, capacity, moe_layers, top_k)),
                         slots, num_experts, top_k, moe_layers,
                         predictor=_predictor(cfg, model, moe_layers, num_experts, top_k),
-                        prefetch_width=cfg.prefetch_width, codec=codec, tracer=tracer)
+                        prefetch_width=cfg.prefetch_width, codec=codec, tracer=tracer,
+                        min_precision=cfg.prefetch_min_precision)
         for module in model.modules():
             if getattr(module, "layer_idx", None) is not None and hasattr(module, "engine"):
                 module.engine = engine
@@ -106,6 +107,7 @@ class OffloadedModel:
             "bytes_loaded": dict(s.bytes_loaded), "loads": s.loads, "load_seconds": s.load_seconds,
             "stall_seconds": s.stall_seconds, "tokens": s.tokens,
             "prefetch_issued": s.prefetch_issued, "prefetch_useful": s.prefetch_useful,
+            "prefetch_suppressed": s.prefetch_suppressed, "prefetch_precision": s.prefetch_precision,
             "prefetch_wasted": s.prefetch_issued - s.prefetch_useful - e.prefetcher.pending_unused()
             - e.prefetcher.in_flight(),
             "resident_experts": len(e.cache), "resident_bytes": len(e.cache) * e.slots.record_bytes,
@@ -129,6 +131,7 @@ class OffloadedModel:
         e.cache.policy = make_cache_policy(self.config.policy, e.cache.capacity, e.moe_layers, e.top_k)
         if e.predictor is not None:
             e.predictor.reset()
+            e.precision, e._predicted = 1.0, {}
         if e.tracer is not None:
             e.tracer.reset()
         self.reset_stats()

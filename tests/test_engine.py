@@ -192,3 +192,19 @@ def test_checkpoint_saved_in_fused_v5_layout(tiny_dir, tmp_path):
     ids = prompt(6)
     want = greedy(reference(src), ids)
     assert torch.equal(greedy(OffloadedModel.from_pretrained(tmp_path / "m", cache_experts=3), ids), want)
+
+
+def test_prefetch_pauses_while_predictions_are_wrong(tiny_dir):
+    """Below prefetch_min_precision the engine stops prefetching (a wrong prefetch evicts a needed expert)
+    but keeps scoring predictions; results never change."""
+    path = tiny_dir("mixtral")
+    ids = prompt(7)
+    runs = {}
+    for floor in (0.0, 1.0):
+        m = OffloadedModel.from_pretrained(path, cache_experts=4, predictor="gate", prefetch_min_precision=floor)
+        runs[floor] = (greedy(m, ids), m.stats())
+    (tokens0, s0), (tokens1, s1) = runs[0.0], runs[1.0]
+    assert torch.equal(tokens0, tokens1)
+    assert s0["prefetch_suppressed"] == 0 and s0["prefetch_issued"] > 0
+    assert s1["prefetch_precision"] < 1.0  # the random tiny model's gate is often wrong...
+    assert s1["prefetch_suppressed"] > 0 and s1["prefetch_issued"] < s0["prefetch_issued"]  # ...so it pauses
