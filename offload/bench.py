@@ -15,7 +15,6 @@ import itertools
 import json
 import math
 import statistics
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -332,16 +331,10 @@ def _snapshot(model) -> dict:
 
 
 def _timed(model, ids, n: int, cold: bool) -> tuple[float, dict]:
-    import torch
+    from offload.costmodel import timed_generate
 
-    if cold:
-        model.reset_cache()
-    else:
-        model.reset_stats()
-    t0 = time.perf_counter()
-    model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
-                   attention_mask=torch.ones_like(ids))
-    return time.perf_counter() - t0, _snapshot(model)
+    seconds, _ = timed_generate(model, ids, n, cold)
+    return seconds, _snapshot(model)
 
 
 def measure_decode(model, ids, n: int, cold: bool = True) -> dict:

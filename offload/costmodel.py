@@ -499,6 +499,21 @@ def _probe_config(config: dict, layers: int, top_k: int) -> dict:
     return c
 
 
+def timed_generate(model, ids, n: int, cold: bool) -> tuple[float, dict]:
+    """Seconds to greedily generate exactly `n` tokens from `ids`, and the model's stats for that run; `cold`
+    empties the expert cache first (else only the counters restart)."""
+    import torch
+
+    if cold:
+        model.reset_cache()
+    else:
+        model.reset_stats()
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                   attention_mask=torch.ones_like(ids))
+    return time.perf_counter() - t0, model.stats()
+
+
 def _probe_decode(models: dict, n: int, repeats: int) -> dict:
     """{name: (seconds per decoded token, misses per token)} of OffloadedModels given as
     {name: (model, cold)}, measured as `offload-bench run` does (N+1 tokens minus 1), interleaved
@@ -509,24 +524,14 @@ def _probe_decode(models: dict, n: int, repeats: int) -> dict:
 
     ids = torch.randint(3, 500, (1, 32), generator=torch.Generator().manual_seed(0))
 
-    def timed(model, cold, k):
-        if cold:
-            model.reset_cache()
-        else:
-            model.reset_stats()
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0,
-                       attention_mask=torch.ones_like(ids))
-        return time.perf_counter() - t0, model.stats()["misses"]
-
     samples = {name: [] for name in models}
     for name, (m, cold) in models.items():
-        timed(m, cold, 2)
+        timed_generate(m, ids, 2, cold)
     for _ in range(repeats):
         for name, (m, cold) in models.items():
-            t1, m1 = timed(m, cold, 1)
-            tn, mn = timed(m, cold, n + 1)
-            samples[name].append(((tn - t1) / n, (mn - m1) / n))
+            t1, s1 = timed_generate(m, ids, 1, cold)
+            tn, sn = timed_generate(m, ids, n + 1, cold)
+            samples[name].append(((tn - t1) / n, (sn["misses"] - s1["misses"]) / n))
     return {name: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))
             for name, v in samples.items()}
 
