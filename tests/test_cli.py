@@ -83,12 +83,13 @@ def test_terminal_session_streams_stats_and_ctrl_c(tmp_path):
     """A real pseudo-terminal: stream an answer, /stats, Ctrl-C mid-answer, then Ctrl-D exits cleanly."""
     from tiny_models import build
 
-    build("mixtral", tmp_path, max_position_embeddings=8192)  # room for an answer long enough to interrupt
+    # room for an answer long enough to interrupt, and no end-of-sequence token to end it early
+    build("mixtral", tmp_path, max_position_embeddings=8192, eos_token_id=None)
     pid, fd = pty.fork()
     if pid == 0:  # child: the real program
         os.execvp(sys.executable, [sys.executable, "-c", "from offload.cli import chat_main; chat_main()",
                                    str(tmp_path), "--max-new-tokens", "4000", "--temperature", "1.0",
-                                   "--context", "8192"])
+                                   "--context", "8192", "--seed", "0"])
     try:
         read_until(fd, r"\n> ")
         os.write(fd, b"w1 w2\n")
