@@ -96,6 +96,14 @@ def build_policy(name: str, trace: Trace, capacity: int, layers: Sequence[int] |
     return make_policy(name, **{**auto, **kwargs})
 
 
+def slots_for(capacity: int | float, pool: int) -> int:
+    """A capacity as a slot count: a float is a fraction of `pool` experts (at least one slot), an int is
+    already a count."""
+    if isinstance(capacity, Real) and not isinstance(capacity, Integral):
+        return max(1, round(capacity * pool))
+    return int(capacity)
+
+
 def check_capacity(capacity: int, need: int, where: str = "the cache") -> None:
     if capacity < need:
         raise ValueError(
@@ -217,7 +225,7 @@ def hit_rate_curve(
         if isinstance(c, Real) and not isinstance(c, Integral):  # a fraction
             if not 0.0 < c <= 1.0:
                 raise ValueError(f"capacity fraction {c} must be in (0, 1]; pass an int for a slot count")
-            n = max(1, round(c * pool))
+            n = slots_for(c, pool)
             if n < need:
                 raise ValueError(
                     f"capacity {c} of {pool} experts is {n} slots, below {need}, the most distinct experts one "

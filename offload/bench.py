@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cache.simulate import slots_for
 from offload.cli import _run, fail
 from offload.errors import OffloadError
 
@@ -379,9 +380,9 @@ def run(
         opts = {"store": store, "store_dir": str(store_dir) if store_dir else None}
         configs = [("all resident", dict(cache_experts=total, policy="lru"))]
         for c, p, pr in itertools.product(caps, pols, preds):
-            slots = c if isinstance(c, int) else max(1, round(c * total))
+            slots = min(total, slots_for(c, total))
             configs.append((f"{_label(c)} ({slots}) {p} {pr}",
-                            dict(cache_experts=min(slots, total), policy=p,
+                            dict(cache_experts=slots, policy=p,
                                  predictor=None if pr == "none" else pr, lookahead=lookahead)))
         models = []
         with out.status("loading configurations ..."):

@@ -306,6 +306,7 @@ def prefetch_command(
     threads: int = typer.Option(1, min=1, help="torch CPU threads"),
 ) -> None:
     """Real decode from the disk tier: no prefetch vs each predictor and lookahead, side by side, medians."""
+    from cache.simulate import slots_for
     from offload.bench import _capacities, _guard, _label, _prompt_ids, _split, _total_experts, measure_decode
     from offload.model import OffloadedModel
 
@@ -320,7 +321,7 @@ def prefetch_command(
         opts = {"store": "disk", "store_dir": str(store_dir), "policy": policy, "prefetch_width": width}
         configs = [("all resident", dict(cache_experts=total), None)]
         for c in caps:
-            slots = min(total, c if isinstance(c, int) else max(1, round(c * total)))
+            slots = min(total, slots_for(c, total))
             for pr in preds:
                 for d in ([1] if pr == "none" else looks):
                     name = f"{_label(c)} ({slots}) {pr}" + ("" if pr == "none" else f" d={d}")

@@ -142,11 +142,11 @@ class RecordCodec:
     def _fits(self, f: QFormat) -> bool:
         return all(f.group_size == 0 or s[1] % f.group_size == 0 for s in self.shapes)
 
-    @property
+    @cached_property
     def record_bytes(self) -> int:
         return max(k.storage.nbytes for k in self.candidates())
 
-    @property
+    @cached_property
     def slot_bytes(self) -> int:
         return max(k.compute.nbytes for k in self.candidates())
 

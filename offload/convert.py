@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import time
 import zlib
 from collections.abc import Callable
@@ -163,10 +162,6 @@ class _progress:
             self._bar.stop()
 
 
-def remove_store(store_dir: Path) -> None:
-    shutil.rmtree(store_dir, ignore_errors=True)
-
-
 def codec_for(cfg, source: CheckpointSource, arch) -> RecordCodec | None:
     """The record codec for cfg.bits (None: dense records in the model dtype)."""
     if cfg.bits in (None, 16):
@@ -174,24 +169,17 @@ def codec_for(cfg, source: CheckpointSource, arch) -> RecordCodec | None:
     return RecordCodec(source.layout, format_rule(cfg.bits), arch.transposed, torch.device(cfg.device))
 
 
-def slot_bytes(cfg, source: CheckpointSource, arch) -> int:
-    """Bytes of one resident slot: the dense record, or the largest quantized compute form."""
-    codec = codec_for(cfg, source, arch)
-    return source.layout.nbytes if codec is None else codec.slot_bytes
-
-
-def open_store(cfg, source: CheckpointSource, arch, progress: bool = True):
-    """(store, codec) for an OffloadConfig: the checkpoint itself (ram) or the converted disk store."""
-    codec = codec_for(cfg, source, arch)
+def open_store(cfg, source: CheckpointSource, codec: RecordCodec | None, progress: bool = True):
+    """The store for an OffloadConfig: the checkpoint itself (ram) or the converted disk store, whose
+    records `codec` (from `codec_for`) encodes."""
     if cfg.store == "ram":
-        return RamStore(source), None
+        return RamStore(source)
     fmt = "dense" if codec is None else ("custom" if callable(cfg.bits) else json.dumps(cfg.bits, sort_keys=True))
     settings = {"dtype": str(cfg.dtype).removeprefix("torch."), "format": fmt}
     if codec is None:
-        return open_or_convert(source, Path(cfg.store_dir), settings, progress=progress, verify=cfg.verify), None
-    store = open_or_convert(source, Path(cfg.store_dir), settings, encoder=codec.encode,
-                            record_bytes=codec.record_bytes, progress=progress, verify=cfg.verify)
-    return store, codec
+        return open_or_convert(source, Path(cfg.store_dir), settings, progress=progress, verify=cfg.verify)
+    return open_or_convert(source, Path(cfg.store_dir), settings, encoder=codec.encode,
+                           record_bytes=codec.record_bytes, progress=progress, verify=cfg.verify)
 
 
 def build_store(model_dir, out: Path, bits=None, dtype="bfloat16", progress: bool = True) -> str:
@@ -205,7 +193,7 @@ def build_store(model_dir, out: Path, bits=None, dtype="bfloat16", progress: boo
     cfg = OffloadConfig(store="disk", store_dir=str(out), bits=bits, dtype=dtype)
     _hf, arch, source, _k = open_checkpoint(model_dir, cfg.dtype)
     t0 = time.perf_counter()
-    store, _codec = open_store(cfg, source, arch, progress)
+    store = open_store(cfg, source, codec_for(cfg, source, arch), progress)
     n = len(store.keys())
     size, dense = n * store.record_bytes, n * source.layout.nbytes
     dt_s = max(time.perf_counter() - t0, 1e-9)

@@ -43,9 +43,7 @@ class Engine:
             return self._run_replicated(module, hidden)
         layer = module.layer_idx
         E = self.num_experts
-        if layer == self.moe_layers[0]:
-            self.stats.tokens += hidden.shape[0]
-            self.stats.forward_steps += 1
+        self._count_tokens(layer, hidden.shape[0])
         final = torch.zeros_like(hidden)
         mask = torch.nn.functional.one_hot(top_k_index, num_classes=E + 1).permute(2, 1, 0)  # [E+1, k, T]
         uses = mask.sum(dim=(-1, -2))                                                     # [E+1]
@@ -62,9 +60,7 @@ class Engine:
         E = self.num_experts
         layer = module.layer_idx
         x = hidden.view(E, -1, hidden.shape[-1])                      # [E, T, H]
-        if layer == self.moe_layers[0]:
-            self.stats.tokens += x.shape[1]
-            self.stats.forward_steps += 1
+        self._count_tokens(layer, x.shape[1])
         out = torch.zeros_like(x)
         active = x.abs().amax(dim=-1) > 0                              # [E, T]: rows of unselected experts are 0
         uses = torch.cat([active.sum(-1), active.new_zeros(1)])        # [E+1]
@@ -75,6 +71,10 @@ class Engine:
             e = experts[i]
             out[e] = expert_ffn(module, w, x[e], linear)
         return out.view(-1, hidden.shape[-1])
+
+    def _count_tokens(self, layer: int, tokens: int) -> None:
+        if layer == self.moe_layers[0]:  # every token passes the first MoE layer once
+            self.stats.tokens += tokens
 
     def _each_expert(self, layer, experts, uses, top_k_weights, mask, observe):
         """Yield (slot views, linear, token selection) per expert, with this layer's keys pinned while they
@@ -143,7 +143,6 @@ class Engine:
         if predicted:
             hit = len(predicted.intersection(top_k_index[0].tolist())) / len(predicted)
             self.precision += PRECISION_EMA * (hit - self.precision)
-            self.stats.prefetch_precision = self.precision
 
     def close(self) -> None:
         self.prefetcher.close()

@@ -21,7 +21,7 @@ from transformers.monkey_patching import register_patch_mapping, unregister_patc
 from cache import ExpertCache, Trace, make_policy
 from offload.arch import Arch
 from offload.config import OffloadConfig
-from offload.convert import open_store, slot_bytes
+from offload.convert import codec_for, open_store
 from offload.engine import Engine
 from offload.errors import OffloadError
 from offload.experts import offloaded_class
@@ -51,11 +51,12 @@ class OffloadedModel:
         cfg = config or OffloadConfig.from_options(**options)
         hf_config, arch, source, top_k = open_checkpoint(model_dir, cfg.dtype)
         model_dir, num_experts = source.model_dir, source.num_experts
-        plan = make_plan(cfg, hf_config, source, slot_bytes(cfg, source, arch), top_k)
+        codec = codec_for(cfg, source, arch)
+        slot_bytes = source.layout.nbytes if codec is None else codec.slot_bytes  # dense or quantized compute form
+        plan = make_plan(cfg, hf_config, source, slot_bytes, top_k)
         if on_plan is not None:
             on_plan(plan)
-        store, codec = open_store(cfg, source, arch, progress)
-        record_slot = codec.slot_bytes if codec else store.record_bytes
+        store = open_store(cfg, source, codec, progress)
 
         model = _load_model(model_dir, hf_config, arch, cfg)
         moe_layers = []
@@ -71,7 +72,7 @@ class OffloadedModel:
         moe_layers = sorted(moe_layers)
         tracer = (Tracer(moe_layers, num_experts, top_k, hf_config.model_type, store.record_bytes)
                   if cfg.trace else None)
-        slots = SlotPool(capacity, record_slot, device)
+        slots = SlotPool(capacity, slot_bytes, device)
         engine = Engine(store, ExpertCache(capacity, make_cache_policy(cfg.policy, capacity, moe_layers, top_k)),
                         slots, num_experts, top_k, moe_layers,
                         predictor=_predictor(cfg, model, moe_layers, num_experts, top_k),
@@ -107,7 +108,7 @@ class OffloadedModel:
             "bytes_loaded": dict(s.bytes_loaded), "loads": s.loads, "load_seconds": s.load_seconds,
             "stall_seconds": s.stall_seconds, "tokens": s.tokens,
             "prefetch_issued": s.prefetch_issued, "prefetch_useful": s.prefetch_useful,
-            "prefetch_suppressed": s.prefetch_suppressed, "prefetch_precision": s.prefetch_precision,
+            "prefetch_suppressed": s.prefetch_suppressed, "prefetch_precision": e.precision,
             "prefetch_wasted": s.prefetch_issued - s.prefetch_useful - e.prefetcher.pending_unused()
             - e.prefetcher.in_flight(),
             "resident_experts": len(e.cache), "resident_bytes": len(e.cache) * e.slots.record_bytes,

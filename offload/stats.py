@@ -15,9 +15,7 @@ class EngineStats:
     prefetch_useful: int = 0       # prefetched and then used before eviction
     prefetch_dropped: int = 0      # predicted but no slot could be freed (everything pinned)
     prefetch_suppressed: int = 0   # predicted but not fetched: recent predictions were too often wrong
-    prefetch_precision: float = 1.0  # EMA of the share of predicted experts that were then used
     tokens: int = 0                # tokens passed through the first MoE layer (prefill + decode)
-    forward_steps: int = 0
 
     def reset(self) -> None:
         self.__init__()
