@@ -70,9 +70,9 @@ class Prefetcher:
         except CacheFull:  # every slot is held by loads in flight: let them land, then there is room
             self.drain()
             slot, hit = self.cache.access(key, uses, weight)
-        if key in self._prefetched:
+        if key in self._prefetched:  # a hit on it is a useful prefetch; a miss means it was evicted unused
             self._prefetched.discard(key)
-            self.stats.prefetch_useful += 1
+            self.stats.prefetch_useful += hit
         if job is not None:
             self._finish(job)
         elif not hit:
@@ -111,6 +111,7 @@ class Prefetcher:
         return len(self._jobs)
 
     def pending_unused(self) -> int:
+        """Prefetched keys still resident (or in flight) and not used yet."""
         return sum(1 for k in self._prefetched if k in self.cache)
 
     def close(self) -> None:

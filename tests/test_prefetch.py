@@ -73,6 +73,7 @@ def test_random_routing_no_deadlock_no_double_slot_exact_accounting(seed):
     assert c.hits + c.misses == uses
     assert stats.loads == c.misses + stats.prefetch_issued  # every load was a demand miss or a prefetch
     assert stats.prefetch_useful <= stats.prefetch_issued
+    assert stats.prefetch_useful <= c.hits, "a prefetch evicted before use must not count as useful"
     assert not cache.pinned(), "pins leaked"
     assert pf._worker is None
 
