@@ -6,6 +6,7 @@ flight) are never evicted; everything else is up to the policy.
 """
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import asdict, dataclass
 
 from cache.policies import CachePolicy, Key
@@ -73,19 +74,22 @@ class ExpertCache:
         self.stats.hits += uses - 1
         return slot, False
 
-    def insert_prefetch(self, key: Key, weight: float = 0.0) -> int | None:
+    def insert_prefetch(self, key: Key, weight: float = 0.0, protect_layers: Container[int] = ()) -> int | None:
         """Make room for a prefetched key; None (prefetch dropped) when that would take a slot that a pinned,
-        not yet resident key (a demand load of the layer being computed) still needs."""
+        not yet resident key (a demand load of the layer being computed) still needs, or when the only
+        evictable keys belong to `protect_layers` (layers about to run: a guess must not evict what they
+        will probably use)."""
         if key in self._slot:
             return None
         pinned_resident = sum(1 for k in self._pins if k in self._slot)
         room = len(self._free) + len(self._slot) - pinned_resident  # slots a demand load could still take
         if room <= len(self._pins) - pinned_resident:  # those are reserved for pinned keys not yet resident
             return None
-        if not self._free and self.policy.victim(key, self._pins.keys()) is None:
+        blocked = _Blocked(self._pins, protect_layers) if protect_layers else self._pins.keys()
+        if not self._free and self.policy.victim(key, blocked) is None:
             return None
         self.stats.prefetch_inserts += 1
-        return self._insert(key, weight, demand=False)
+        return self._insert(key, weight, demand=False, blocked=blocked)
 
     def pin(self, key: Key) -> None:
         """Forbid evicting `key` until a matching `unpin`; pins nest."""
@@ -107,9 +111,9 @@ class ExpertCache:
         self.policy.on_remove(key)
         self._free.append(slot)
 
-    def _insert(self, key: Key, weight: float, demand: bool) -> int:
+    def _insert(self, key: Key, weight: float, demand: bool, blocked: Container[Key] | None = None) -> int:
         if not self._free:
-            victim = self.policy.victim(key, self._pins.keys())
+            victim = self.policy.victim(key, self._pins.keys() if blocked is None else blocked)
             if victim is None:
                 raise CacheFull(
                     f"all {self.capacity} cache slots hold pinned experts; raise cache_experts above {self.capacity}"
@@ -122,3 +126,16 @@ class ExpertCache:
         self._slot[key] = slot
         self.policy.on_insert(key, weight, demand)
         return slot
+
+
+class _Blocked:
+    """Keys a prefetch may not evict: the pinned ones and every key of the protected layers. Policies only
+    test membership (`key in pinned`), so that is all this answers."""
+
+    __slots__ = ("_layers", "_pins")
+
+    def __init__(self, pins: Container[Key], layers: Container[int]) -> None:
+        self._pins, self._layers = pins, layers
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._pins or key[0] in self._layers  # type: ignore[index]

@@ -12,7 +12,6 @@ import errno
 import json
 import os
 import time
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from offload.errors import OffloadError
 from offload.layout import ExpertLayout
 from offload.source import CheckpointSource, Key
 from offload.codec import RecordCodec, format_rule
-from offload.store import DATA, INDEX, STORE_VERSION, DiskStore, RamStore
+from offload.store import DATA, INDEX, STORE_VERSION, DiskStore, RamStore, checksum
 
 JOURNAL = "journal.json"
 PARTIAL = DATA + ".partial"
@@ -120,7 +119,7 @@ def convert(source: CheckpointSource, store_dir: Path, settings: dict, encoder: 
                 if stored is not None:  # keep fixed offsets: a compressed record is padded to record_bytes
                     f.write(bytes(record_bytes - stored))
                 journal["layouts"].setdefault(fmt, layout.to_json())
-                journal["records"].append([key[0], key[1], fmt, zlib.crc32(data), stored])
+                journal["records"].append([key[0], key[1], fmt, checksum(data), stored])
                 bar(record_bytes)
                 if time.monotonic() - last_sync > 1.0 or i == len(keys) - 1:
                     f.flush()

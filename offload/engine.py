@@ -34,6 +34,13 @@ class Engine:
         self.min_precision = min_precision
         self.precision = 1.0                    # EMA of prefetch precision, optimistic at the start
         self._predicted: dict[int, set[int]] = {}  # target layer -> experts predicted for it this step
+        # Layers a prefetch issued at layer l may not take slots from: the next half of the layer cycle.
+        # LRU's oldest key is the next layer's, the one most likely needed soon; the layers just computed
+        # will not run again for a while (decode visits layers in a cycle), so their keys pay for guesses.
+        L = len(moe_layers)
+        ahead = max(1, L // 2)
+        self._near = {l: frozenset(moe_layers[(i + j) % L] for j in range(1, ahead + 1)) - {l}
+                      for i, l in enumerate(moe_layers)}
 
     # --- one layer -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -130,7 +137,7 @@ class Engine:
                 for tl, ids in wanted.items():
                     self._predicted[tl] = set(ids[: self.prefetch_width])
             if self.precision >= self.min_precision:
-                self.prefetcher.submit(keys)
+                self.prefetcher.submit(keys, self._near[layer])
             else:
                 self.stats.prefetch_suppressed += len(keys)
         self.predictor.observe(layer, top_k_index)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from pathlib import Path
 
 import lz4.block
 import torch
+import xxhash
 
 from offload.errors import OffloadError
 from offload.layout import ExpertLayout
@@ -22,7 +22,13 @@ from offload.source import CheckpointSource, Key
 
 INDEX = "index.json"
 DATA = "experts.bin"
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: xxh3-64 record checksums (1 used crc32, 10x slower to verify)
+
+
+def checksum(data) -> int:
+    """A record's checksum: xxh3-64 (~27 GB/s here vs crc32's ~3 GB/s, so verifying every read stays cheap
+    next to the read itself)."""
+    return xxhash.xxh3_64_intdigest(data)
 
 
 class RamStore:
@@ -50,7 +56,7 @@ class RamStore:
 
 
 class DiskStore:
-    """A converted store: fixed-size records at `i * record_bytes`, each checked against its crc32."""
+    """A converted store: fixed-size records at `i * record_bytes`, each checked against its xxh3-64."""
 
     tier = "disk"
 
@@ -87,12 +93,12 @@ class DiskStore:
 
     def read_into(self, key: Key, out: torch.Tensor) -> int:
         """pread record `key` into `out` (CPU uint8, >= record_bytes); returns the bytes read from disk."""
-        i, _fmt, crc, stored = self._records[key]
+        i, _fmt, digest, stored = self._records[key]
         n = stored or self.record_bytes
         view = memoryview(out.numpy()).cast("B")
         dst = view if stored is None else bytearray(n)  # lz4 record: read the packed bytes aside first
         got = os.preadv(self._fd, [memoryview(dst)[:n]], i * self.record_bytes)
-        if got != n or (self.verify and zlib.crc32(memoryview(dst)[:n]) != crc):
+        if got != n or (self.verify and checksum(memoryview(dst)[:n]) != digest):
             raise OffloadError(f"checksum mismatch in {self.dir / DATA} for expert {key} (record {i}): the store is "
                                f"corrupt; delete {self.dir} to rebuild it")
         if stored is not None:

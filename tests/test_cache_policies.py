@@ -236,3 +236,18 @@ def test_belady_never_beaten():
         best = replay(trace, "belady", 3, per_layer=True).misses
         for name in ("lru", "lfu", "score"):
             assert best <= replay(trace, name, 3, per_layer=True).misses, (seed, "per_layer", name)
+
+
+@pytest.mark.parametrize("name", ["lru", "lfu", "lfru", "score"])
+def test_prefetch_never_evicts_protected_layers(name):
+    """A prefetch issued for the next layers takes its slot from the layers just computed, or is dropped."""
+    cache = ExpertCache(2, make_policy(name))
+    cache.access((1, 0))
+    cache.access((0, 0))  # LRU order: (1, 0) is the oldest
+    cache.access((0, 0))
+    assert cache.insert_prefetch((1, 1), protect_layers={1, 2, 3}) is not None
+    assert (1, 0) in cache and (0, 0) not in cache
+    assert cache.insert_prefetch((2, 0), protect_layers={1, 2}) is None  # only protected keys are left
+    assert set(cache.keys()) == {(1, 0), (1, 1)}
+    assert cache.insert_prefetch((2, 0)) is not None  # unprotected: the policy's own victim
+    assert len(cache) == 2 and (2, 0) in cache
