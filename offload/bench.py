@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 from typing import Optional
@@ -220,7 +221,10 @@ def _plot(results: dict, caps, path: Path) -> None:
     ax.set_ylabel("hit rate")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    tmp = path.with_name(path.name + ".partial")
+    fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    os.replace(tmp, path)  # atomic: an interrupted run never leaves half a picture
     out.print(f"plot written to {path}")
 
 

@@ -475,15 +475,23 @@ def store_read_seconds(store, keys, seconds: float = 0.2, slots: int = 4) -> flo
     return _per_call(read, seconds, min_calls=3)
 
 
-def _probe_config(config: dict, layers: int, top_k: int) -> dict:
-    """The model's config.json at toy width (hidden 64, vocab 512): same architecture, experts and
-    generate path, negligible bytes, so a decode step is all fixed overheads."""
+PROBE_PARAMS = 48e6  # largest probe (5 layers, all widths of the model) timed at the model's own width
+
+
+def _probe_config(config: dict, layers: int, top_k: int, real_width: bool = False) -> dict:
+    """The model's config.json with `layers` layers, top-k `top_k` and vocab 512: same architecture, experts
+    and generate path. Toy width (hidden 64) makes a decode step all fixed overheads; `real_width` keeps
+    the model's hidden and intermediate sizes, so the probe also pays what scales with width outside the
+    GEMVs (norms, attention, activations, the GEMVs' own in-model cost beyond their microbenchmark)."""
     c = dict(config)
-    small = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 64,
-             "shared_expert_intermediate_size": 64, "expert_intermediate_size": 64, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512, "first_k_dense_replace": 0,
-             "mlp_only_layers": [], "decoder_sparse_step": 1, "q_lora_rank": None, "kv_lora_rank": 32,
-             "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16}
+    small = {"vocab_size": 512} if real_width else {
+        "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 64,
+        "shared_expert_intermediate_size": 64, "expert_intermediate_size": 64, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512, "first_k_dense_replace": 0,
+        "mlp_only_layers": [], "decoder_sparse_step": 1, "q_lora_rank": None, "kv_lora_rank": 32,
+        "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16}
+    if real_width:
+        small.update({"first_k_dense_replace": 0, "mlp_only_layers": [], "decoder_sparse_step": 1})
     for k, v in small.items():
         if k in c:
             c[k] = v
@@ -497,6 +505,16 @@ def _probe_config(config: dict, layers: int, top_k: int) -> dict:
             c[k] = None
     c.pop("quantization_config", None)
     return c
+
+
+def _fits_real_width(config: dict, layers: int) -> bool:
+    """Whether a `layers`-deep probe at the model's own width stays under PROBE_PARAMS (MLA layouts never:
+    their GEMV plan is unknown, so toy probes and bytes/bandwidth are used)."""
+    if not gemv_plan(config):
+        return False
+    shape = ModelShape.from_config(config)
+    per_layer = (shape.experts * shape.expert_params + 4 * shape.hidden ** 2) * shape.moe_layers / shape.layers
+    return layers * per_layer + 512 * shape.hidden * 2 <= PROBE_PARAMS
 
 
 def timed_generate(model, ids, n: int, cold: bool) -> tuple[float, dict]:
@@ -542,10 +560,13 @@ def calibrate_local(config: dict, store=None, store_keys=None, seconds: float = 
 
     - GEMV bandwidths: `gemv_bandwidths` (bf16 / int8 / int4 kernels on 4096x4096 weights);
     - store read: `store_read_seconds` on `store` (the model's own expert store), if given;
-    - overheads: toy-width probes of the same architecture (hidden 64, vocab 512: bytes are negligible)
-      decoded through OffloadedModel exactly as `offload-bench run` does: 1 vs 5 layers gives the
-      per-layer cost and the per-token intercept, top-k vs top-1 the per-expert cost, and a probe at a
-      small capacity the per-miss bookkeeping. The model being predicted is never timed."""
+    - overheads: probes of the same architecture with 1 and 5 layers and vocab 512, at the model's own
+      width when 5 such layers stay under PROBE_PARAMS, else at toy width (hidden 64), decoded through
+      OffloadedModel exactly as `offload-bench run` does: 1 vs 5 layers gives the per-layer cost and the
+      per-token intercept, top-k vs top-1 the per-expert cost, and a probe at a small capacity the per-miss
+      bookkeeping. Each probe's own GEMVs, timed as the prediction times the model's, are subtracted, so
+      what GEMVs cost in a model beyond their microbenchmark stays in the overheads. The probes have random
+      weights and other depths; the model being predicted is never timed."""
     import contextlib
     import json
     import tempfile
@@ -565,12 +586,13 @@ def calibrate_local(config: dict, store=None, store_keys=None, seconds: float = 
         k_lo = 1 if k > 1 else 2
         LH = 5  # probe depths 1 and LH: per-layer cost = slope
         E = int(next(c[x] for x in ("num_local_experts", "num_experts", "n_routed_experts") if c.get(x)))
+        real = _fits_real_width(c, LH)
         with tempfile.TemporaryDirectory(prefix="offload-probe-") as tmp:
             dirs = {}
             for layers, kk in ((1, k), (LH, k), (LH, k_lo)):
                 d = Path(tmp) / f"L{layers}k{kk}"
                 d.mkdir()
-                cfg = _probe_config(c, layers, kk)
+                cfg = _probe_config(c, layers, kk, real)
                 (d / "config.json").write_text(json.dumps(cfg))
                 if kk == k:
                     _save_probe(d)
@@ -578,9 +600,10 @@ def calibrate_local(config: dict, store=None, store_keys=None, seconds: float = 
                     (d / "model.safetensors").symlink_to(dirs[(LH, k)] / "model.safetensors")
                 dirs[(layers, kk)] = d
             gemv = {}
-            for key, d in dirs.items():  # the probes' own (cache-resident, tiny) GEMVs, taken out below
+            ring = (256 << 20) if real else (1 << 20)  # real width: from DRAM, as the prediction times them
+            for key, d in dirs.items():  # the probes' own GEMVs, taken out below
                 plan = gemv_plan(json.loads((d / "config.json").read_text()))
-                g = gemv_seconds(plan, 1 << 20, seconds / 10) if plan else {}
+                g = gemv_seconds(plan, ring, seconds / 10) if plan else {}
                 gemv[key] = sum(cnt * g[(n, kk)] for _r, n, kk, cnt in plan)
             total = LH * E
             with contextlib.ExitStack() as stack:
@@ -608,7 +631,7 @@ def calibrate_local(config: dict, store=None, store_keys=None, seconds: float = 
     finally:
         torch.set_num_threads(old)
     return LocalProfile(bw, stores, token, layer, expert, load, copy, gs,
-                        note=f"{threads} thread(s); probe overheads per token: "
+                        note=f"{threads} thread(s); {'model' if real else 'toy'}-width probe overheads per token: "
                              + ", ".join(f"L{a}k{b} {1e3 * v:.2f} ms" for (a, b), v in t.items()))
 
 

@@ -122,6 +122,21 @@ def test_local_engine_model_known_answers():
     assert cm.local_tok_s(shape, slower, 0.5) < cm.local_tok_s(shape, prof, 0.5) < cm.local_tok_s(shape, prof, 0.9)
 
 
+def test_probes_keep_the_model_width_when_small_enough():
+    """Calibration probes run at the model's own width when 5 layers of it are small, else at toy width."""
+    small = {"model_type": "qwen3_moe", "num_hidden_layers": 4, "hidden_size": 256, "intermediate_size": 512,
+             "moe_intermediate_size": 288, "num_experts": 16, "num_experts_per_tok": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 8192, "eos_token_id": 8000}
+    big = {**small, "hidden_size": 4096, "moe_intermediate_size": 14336, "num_attention_heads": 32}
+    assert cm._fits_real_width(small, 5) and not cm._fits_real_width(big, 5)
+    real = cm._probe_config(small, 5, 1, real_width=True)
+    assert (real["hidden_size"], real["moe_intermediate_size"], real["head_dim"]) == (256, 288, 64)
+    assert (real["num_hidden_layers"], real["num_experts_per_tok"], real["vocab_size"]) == (5, 1, 512)
+    assert real["eos_token_id"] is None  # outside the probe's vocab
+    toy = cm._probe_config(small, 5, 1)
+    assert (toy["hidden_size"], toy["moe_intermediate_size"], toy["vocab_size"]) == (64, 64, 512)
+
+
 # --- CLI runs --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def recorded(tiny_dir, tmp_path_factory):
@@ -140,6 +155,7 @@ def test_trace_then_policies_json(recorded, tmp_path):
                             "--plot", str(tmp_path / "p.png")])
     assert r.exit_code == 0, r.output
     assert "best policy / belady" in r.output
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib comes with [dev]
     res = json.loads(js.read_text())["policies"]
     uses = sum(1 for _ in tr.valid.reshape(-1) if _)
     assert set(res) >= {"lru", "lfu", "score", "belady"}
