@@ -15,10 +15,15 @@ from the checkpoint, store="ram"); every other format goes through a disk store 
              of the held-out text), eos suppressed (min_new_tokens), no repetition penalty; the fraction of
              positions whose token equals bf16's, and the first position where they differ.
              Held-out text: --text FILE, else MODEL_DIR/heldout.txt, else the demo model's
-             offload/demo_model/heldout.txt, else an error.
-2. size      from the store on disk: record bytes (every record is padded to the largest kind), and bits per
-             expert parameter = 8 * (index.json + experts.bin bytes) / expert parameters, metadata included;
-             also the mean bytes read per expert (records lz4-compressed where that saves > 5% are read short).
+             offload/demo_model/heldout.txt, else an error. Weight error: the relative Frobenius error of the
+             stored experts against the checkpoint's, sqrt(sum |W - W_q|^2 / sum |W|^2) over every expert matrix.
+2. size      from the store on disk: the largest decoded record, and bits per expert parameter = 8 * (index.json
+             + experts.bin bytes) / expert parameters, metadata included (records are stored back to back, each
+             only as long as it is); the mean bytes read per expert and how many records are lz4 / lzma.
+             Coding: every record re-coded raw, with lz4 and with lzma (the store's filters), against the
+             order-0 Shannon entropy of its codes plus its side information (scales, zeros, biases) at their
+             raw size; and the load cost per expert (median, page cache warm): one read_into (pread, checksum,
+             decode) and the transform into the kernel's layout.
 3. speed     decode tokens/s on this CPU for bf16, int8 and one int4 format (the largest group size that fits),
              all loaded at once and measured alternately; decode only: time(N + 1 new tokens) - time(1 new
              token), median of --repeats. Converter: the missing stores are converted in a subprocess (`python
@@ -47,7 +52,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-DEFAULT_FORMATS = "bf16,int8,int4-g32,int4-g64,int4-g128,int4-adaptive,int3,int2,ternary"
+DEFAULT_FORMATS = "bf16,int8,int4-g32,int4-g64,int4-g128,int4-adaptive,int3,int2,ternary,ternary-z80,ternary-z90"
 TEXT_TOKENS = 2048   # held-out tokens scored per format: a few windows at the model's context, seconds per format
 PROMPT_TOKENS = 32   # the agreement / speed prompt: the held-out text's first tokens
 HELDOUT = "heldout.txt"
@@ -312,20 +317,82 @@ def convert_in_subprocess(jobs: list[dict], threads: int = 1, timeout: Optional[
 
 def store_size(store_dir: Path, params_per_expert: int) -> dict:
     """Sizes measured from the files of a converted store."""
-    from offload.store import DATA, INDEX
+    from offload.store import DATA, INDEX, DiskStore
 
-    index = json.loads((store_dir / INDEX).read_text())
-    records = index["records"]
-    n = len(records)
+    store = DiskStore(store_dir, verify=False)
+    keys = store.keys()
+    n = len(keys)
     disk = (store_dir / INDEX).stat().st_size + (store_dir / DATA).stat().st_size
-    read = [r[4] if r[4] is not None else index["record_bytes"] for r in records]
+    codecs = [store.codec_of(k) for k in keys]
     kinds: dict[str, int] = {}
-    for r in records:
-        kinds[r[2]] = kinds.get(r[2], 0) + 1
-    return {"record_bytes": index["record_bytes"], "store_bytes": disk, "index_bytes": (store_dir / INDEX).stat().st_size,
-            "experts": n, "bits_per_param": 8 * disk / (n * params_per_expert),
-            "mean_read_bytes": sum(read) / n, "lz4_records": sum(1 for r in records if r[4] is not None),
-            "kinds": kinds}
+    for k in keys:
+        kinds[store.format_of(k)] = kinds.get(store.format_of(k), 0) + 1
+    size = {"record_bytes": store.record_bytes, "store_bytes": disk, "index_bytes": (store_dir / INDEX).stat().st_size,
+            "data_bytes": (store_dir / DATA).stat().st_size, "experts": n,
+            "bits_per_param": 8 * disk / (n * params_per_expert),
+            "mean_read_bytes": sum(store.extent(k)[1] for k in keys) / n, "lz4_records": codecs.count("lz4"),
+            "lzma_records": codecs.count("lzma"), "kinds": kinds}
+    store.close()
+    return size
+
+
+def record_coding(store_dir: Path, source, arch, fmt: str) -> dict:
+    """Per store: the experts' relative weight error, each record re-coded (raw, lz4, lzma) against its codes'
+    order-0 entropy plus raw side information, in bits (sums over records), and the load cost per expert."""
+    import lzma
+
+    import lz4.block
+    import torch
+
+    from offload.codec import MATRICES, RecordCodec, format_rule
+    from offload.quant import dequantize, entropy_bits, unpack_codes
+    from offload.store import LZMA_FILTERS, DiskStore
+
+    store = DiskStore(store_dir)
+    codec = RecordCodec(source.layout, format_rule(fmt), arch.transposed, torch.device("cpu"))
+    buf = torch.zeros(store.record_bytes, dtype=torch.uint8)
+    err = ref = 0.0
+    bits = {"raw": 0, "lz4": 0, "lzma": 0, "entropy": 0.0}
+    for key in store.keys():
+        store.read_into(key, buf)
+        kind = codec.kind_named(store.format_of(key))
+        record = memoryview(buf[: kind.storage.nbytes].numpy())
+        bits["raw"] += 8 * len(record)
+        bits["lz4"] += 8 * len(lz4.block.compress(record, store_size=False))
+        bits["lzma"] += 8 * len(lzma.compress(record, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS))
+        parts, dense = kind.split(kind.storage.views(buf)), source.read(key)
+        bits["entropy"] += sum(8 * dense[b.name].nbytes for b in kind.biases)
+        for m, q, shape in zip(MATRICES, kind.formats, kind.shapes):
+            w = (dense[m].T if arch.transposed else dense[m]).float()
+            err += float((dequantize(parts[m], q, shape) - w).square().sum())
+            ref += float(w.square().sum())
+            coded = set() if q.dense else {"qweight", "qhigh"}  # the rest (scales, zeros) counts at its raw size
+            side = sum(t.nbytes for name, t in parts[m].items() if name not in coded)
+            bits["entropy"] += 8 * side + (entropy_bits(unpack_codes(parts[m], q, shape)) * w.numel() if coded else 0)
+    store.close()
+    return {"weight_error": math.sqrt(err / ref), "bits": bits, **load_ms(store_dir, codec)}
+
+
+def load_ms(store_dir: Path, codec) -> dict:
+    """Median ms per expert, page cache warm: read_into (pread + checksum + decode) and the transform into the
+    resident form (the kernel's layout), as the prefetcher does on every miss."""
+    import torch
+
+    from offload.store import DiskStore
+
+    store = DiskStore(store_dir)
+    buf = torch.zeros(store.record_bytes, dtype=torch.uint8)
+    slot = torch.zeros(codec.slot_bytes, dtype=torch.uint8)
+    read, transform = [], []
+    for key in store.keys():
+        t0 = time.perf_counter()
+        store.read_into(key, buf)
+        t1 = time.perf_counter()
+        codec.transform(store.format_of(key), buf, slot)
+        transform.append(time.perf_counter() - t1)
+        read.append(t1 - t0)
+    store.close()
+    return {"read_ms": 1e3 * statistics.median(read), "to_kernel_ms": 1e3 * statistics.median(transform)}
 
 
 def skip_reason(fmt: str, source, arch) -> Optional[str]:
@@ -406,9 +473,11 @@ def measure(model_dir: Path, fmts: list[str], text: Optional[Path], tokens: int,
                  growth_fraction=r["rss_growth"] / expert_bytes)
         rows[f]["convert"] = r
         rows[f]["size"] = store_size(store_root / f, params_per_expert)
+        rows[f]["coding"] = record_coding(store_root / f, source, arch, f)
     rows[REFERENCE]["size"] = {"record_bytes": source.layout.nbytes, "store_bytes": expert_bytes, "experts": total,
                                "bits_per_param": 8 * source.dtype.itemsize, "mean_read_bytes": source.layout.nbytes,
-                               "lz4_records": 0, "kinds": {"dense checkpoint": total}}
+                               "lz4_records": 0, "lzma_records": 0, "kinds": {"dense checkpoint": total}}
+    rows[REFERENCE]["coding"] = {"weight_error": 0.0}
 
     # quality: one model at a time, bf16 first (its tokens are the reference); the speed formats stay loaded
     speed_fmts = speed_formats(ok)
@@ -474,6 +543,24 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.2f}"
 
 
+def print_coding(res: dict, rows: list[dict]) -> None:
+    """Each store's records re-coded, in bits per expert parameter (data file only, no index), and load costs."""
+    params = res["experts"] * res["params_per_expert"]
+    c = Table(title="coding: bits/param of the records (data file, index excluded): stored as-is, lz4, lzma, what the "
+                    "store holds, and the order-0 entropy of the codes + raw side info; load ms per expert (median, "
+                    "page cache warm)")
+    for col in ("format", "raw", "lz4", "lzma", "stored", "entropy", "stored / entropy", "read+decode ms",
+                "to kernel ms"):
+        c.add_column(col, justify="left" if col == "format" else "right")
+    for r in rows:
+        b, z = r["coding"]["bits"], r["size"]
+        stored = 8 * z["data_bytes"] / params
+        c.add_row(r["format"], *(f"{b[k] / params:.3f}" for k in ("raw", "lz4", "lzma")), f"{stored:.3f}",
+                  f"{b['entropy'] / params:.3f}", f"{stored / (b['entropy'] / params):.3f}",
+                  f"{r['coding']['read_ms']:.3f}", f"{r['coding']['to_kernel_ms']:.3f}")
+    out.print(c)
+
+
 def print_tables(res: dict) -> None:
     rows = res["formats"]
     ok = [r for r in rows.values() if r["status"] == "ok"]
@@ -484,25 +571,29 @@ def print_tables(res: dict) -> None:
     q = Table(title=f"quality: {name}, perplexity on {t_['tokens_scored']} held-out tokens ({Path(t_['path']).name}; "
                     f"window {t_['window']}, stride {t_['stride']}); greedy agreement with bf16 over {res['tokens']} "
                     f"new tokens")
-    for col in ("format", "perplexity", "vs bf16", "agreement", "first divergence"):
+    for col in ("format", "perplexity", "vs bf16", "agreement", "first divergence", "bits/param", "weight error"):
         q.add_column(col, justify="left" if col == "format" else "right")
     for r in ok:
         fd = r["first_divergence"]
         q.add_row(r["format"], f"{r['perplexity']:.3f}", f"{100 * (r['perplexity'] / ref - 1):+.2f}%",
-                  f"{r['agreement']:.1%}", "-" if fd is None else str(fd))
+                  f"{r['agreement']:.1%}", "-" if fd is None else str(fd), f"{r['size']['bits_per_param']:.3f}",
+                  f"{r['coding']['weight_error']:.3f}")
     out.print(q)
 
     s = Table(title=f"size: measured from the store on disk ({res['experts']} experts x {res['params_per_expert']:,} "
                     f"params); bits/param = 8 x (index.json + experts.bin) / expert params")
-    for col in ("format", "record bytes", "store MB", "bits/param", "mean read bytes", "lz4 records", "record kinds"):
+    for col in ("format", "record bytes", "store MB", "bits/param", "mean read bytes", "lz4 records", "lzma records",
+                "record kinds"):
         s.add_column(col, justify="left" if col in ("format", "record kinds") else "right")
     for r in ok:
         z = r["size"]
         kinds = ", ".join(f"{k} x{v}" for k, v in z["kinds"].items()) if len(z["kinds"]) > 1 or r["format"] in (
             REFERENCE,) or "adaptive" in r["format"] else ""
         s.add_row(r["format"], f"{z['record_bytes']:,}", _mb(z["store_bytes"]), f"{z['bits_per_param']:.3f}",
-                  f"{z['mean_read_bytes']:,.0f}", f"{z['lz4_records']}/{z['experts']}", kinds)
+                  f"{z['mean_read_bytes']:,.0f}", f"{z['lz4_records']}/{z['experts']}",
+                  f"{z['lzma_records']}/{z['experts']}", kinds)
     out.print(s)
+    print_coding(res, [r for r in ok if r["format"] != REFERENCE])
 
     d = Table(title=f"decode speed on this CPU ({res['torch_threads']} thread(s)): all experts resident, {res['tokens']} "
                     f"new tokens, decode only, median of {res['repeats']}, alternating")

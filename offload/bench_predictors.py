@@ -259,11 +259,11 @@ def drop_page_cache(store) -> None:
 
 def uncache_reads(store) -> None:
     """Make every record read of `store` leave nothing in the page cache, so each miss hits the device."""
-    read, fd, size = store.read_into, store._fd, store.record_bytes
+    read, fd = store.read_into, store._fd
 
     def read_into(key, buf):
         n = read(key, buf)
-        os.posix_fadvise(fd, store._records[key][0] * size, size, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, *store.extent(key), os.POSIX_FADV_DONTNEED)
         return n
 
     store.read_into = read_into

@@ -72,7 +72,7 @@ def chat(
     cache_memory: Optional[str] = typer.Option(None, help="or a byte budget for them, e.g. 2GiB"),
     store: str = typer.Option("ram", help="ram (checkpoint, mmap) or disk (converted store)"),
     store_dir: Optional[Path] = typer.Option(None, help="directory of the disk store"),
-    bits: Optional[str] = typer.Option(None, help="expert format: 16, 8, 4, 3, 2, ternary"),
+    bits: Optional[str] = typer.Option(None, help="expert format: 16, 8, 4, 3, 2, ternary, int4-g64, ternary-z90, ..."),
     policy: str = typer.Option("lru", help="cache eviction policy"),
     predictor: Optional[str] = typer.Option(None, help="expert predictor for prefetch: gate, previous, ..."),
     lookahead: int = typer.Option(1, help="MoE layers the predictor looks ahead"),
@@ -116,7 +116,7 @@ convert_app = typer.Typer(add_completion=False, help="Convert a checkpoint's exp
 def convert(
     model_dir: Path = typer.Argument(..., help="Hugging Face checkpoint directory"),
     out: Path = typer.Option(..., "--out", "-o", help="store directory to write (resumes if interrupted)"),
-    bits: Optional[str] = typer.Option(None, help="expert format: 16, 8, 4, 3, 2, ternary"),
+    bits: Optional[str] = typer.Option(None, help="expert format: 16, 8, 4, 3, 2, ternary, int4-g64, ternary-z90, ..."),
     dtype: str = typer.Option("bfloat16", help="dtype of dense records"),
 ) -> None:
     """Stream the experts into a checksummed store, one at a time (bounded memory, resumable)."""

@@ -24,14 +24,15 @@ _BITS = {8: "int8", 4: "int4", 3: "int3", 2: "int2", 1: "ternary"}
 
 
 def format_of(bits) -> QFormat | None:
-    """None/16 -> dense (the model dtype); 8/4/3/2 -> int; 'ternary', 'int4-g64', 'int4-adaptive' ..."""
+    """None/16 -> dense (the model dtype); 8/4/3/2 -> int; 'ternary', 'ternary-z90', 'int4-g64', ..."""
     if bits is None or bits == 16 or bits in ("bf16", "16", "dense"):
         return None
     if isinstance(bits, int) and bits in _BITS:
         return parse_format(_BITS[bits])
     if isinstance(bits, str):
         return parse_format(_BITS[int(bits)] if bits.isdigit() and int(bits) in _BITS else bits)
-    raise OffloadError(f"bits must be 16, 8, 4, 3, 2, 'ternary' or a format like 'int4-g64', got {bits!r}")
+    raise OffloadError(f"bits must be 16, 8, 4, 3, 2, 'ternary' or a format like 'int4-g64' or 'ternary-z90', "
+                       f"got {bits!r}")
 
 
 def format_rule(bits) -> Callable[[int, int], QFormat | None]:
@@ -118,6 +119,10 @@ class RecordCodec:
         if name not in self._kinds:
             self.kind(tuple(parse_format(p) for p in name.split("/")))
         return self._kinds[name]
+
+    def entropy_coded(self, kind_name: str) -> bool:
+        """Whether the store should try lzma on records of this kind (any matrix in a sparse format)."""
+        return any(f.entropy_coded for f in self.kind_named(kind_name).formats)
 
     def candidates(self) -> list[RecordKind]:
         """Every kind the rule can produce (adaptive: every group size), to size records and slots."""

@@ -11,8 +11,10 @@ the weights (`storage_layout`, `compute_layout`), so the engine can lay them out
 
 Formats: bf16 / fp32 (dense), int8 (symmetric per output channel, `_weight_int8pack_mm`), int4 / int3 /
 int2 (asymmetric min/max per group of G along K with a searched clipping range), ternary (per-row
-scale, codes in {-1, 0, 1}, see offload/ternary.py). int3, int2 and ternary run on the same CPU int4
-kernel (`_weight_int4pack_mm_for_cpu`, w = (q - 8) * scale + zero): their codes are a subset of 0..15.
+scale, codes in {-1, 0, 1}, see offload/ternary.py) and ternary-zNN (the same with NN% of each row's codes
+zero: a sparse cold tier that the disk store entropy-codes with lzma). int3, int2 and the ternaries run on
+the same CPU int4 kernel (`_weight_int4pack_mm_for_cpu`, w = (q - 8) * scale + zero): their codes are a
+subset of 0..15.
 """
 from __future__ import annotations
 
@@ -44,10 +46,14 @@ class FormatError(OffloadError, ValueError):
 class QFormat:
     kind: str            # one of KINDS
     group_size: int = 0  # int4/int3/int2: 32, 64, 128 (0 = adaptive, resolve per matrix); others: 0
+    zeros: int = 0       # ternary: percent of each row's codes that are zero, 1..99 (0 = the error optimum)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise FormatError(f"unknown weight format kind {self.kind!r}: expected one of {', '.join(KINDS)}")
+        if self.zeros and (self.kind != "ternary" or not 0 < self.zeros < 100):
+            raise FormatError(f"-z{self.zeros} (percent of zero codes, 1..99) applies to ternary only, got "
+                              f"{self.kind}; use e.g. 'ternary-z80'")
         if self.kind in GROUPED:
             if self.group_size not in (0, *GROUP_SIZES):
                 raise FormatError(f"{self.kind} group size must be one of {GROUP_SIZES} (or 0 = adaptive), "
@@ -62,6 +68,11 @@ class QFormat:
         return {"bf16": 16, "fp32": 32, "int8": 8, "ternary": 2}.get(self.kind) or GROUPED[self.kind]
 
     @property
+    def entropy_coded(self) -> bool:
+        """Sparse codes (ternary-zNN): worth lzma in the disk store, whose decode they pay for on every load."""
+        return self.zeros > 0
+
+    @property
     def dense(self) -> bool:
         return self.kind in ("bf16", "fp32")
 
@@ -70,20 +81,26 @@ class QFormat:
         return self.kind in GROUPED and self.group_size == 0
 
     def __str__(self) -> str:
+        if self.zeros:
+            return f"{self.kind}-z{self.zeros}"
         if self.kind not in GROUPED:
             return self.kind
         return f"{self.kind}-adaptive" if self.adaptive else f"{self.kind}-g{self.group_size}"
 
 
 def parse_format(text: str) -> QFormat:
-    """'bf16', 'fp32', 'int8', 'ternary', 'int4' (= int4-g128), 'int4-g64', 'int3-adaptive', ..."""
-    m = re.fullmatch(r"(bf16|fp32|int8|int4|int3|int2|ternary)(?:-(?:g(\d+)|(adaptive)))?", text.strip().lower())
+    """'bf16', 'fp32', 'int8', 'ternary', 'ternary-z80', 'int4' (= int4-g128), 'int4-g64', 'int3-adaptive', ..."""
+    m = re.fullmatch(r"(bf16|fp32|int8|int4|int3|int2|ternary)(?:-(?:g(\d+)|(adaptive)|z([1-9]\d?)))?",
+                     text.strip().lower())
     if m is None:
-        raise FormatError(f"unknown weight format {text!r}: expected bf16, fp32, int8, ternary, or int4/int3/int2 "
-                          f"optionally followed by -g32, -g64, -g128 or -adaptive (e.g. 'int4-g64')")
-    kind, group, adaptive = m.groups()
+        raise FormatError(f"unknown weight format {text!r}: expected bf16, fp32, int8, ternary (or ternary-z80: 80% "
+                          f"zeros), or int4/int3/int2 optionally followed by -g32, -g64, -g128 or -adaptive (e.g. "
+                          f"'int4-g64')")
+    kind, group, adaptive, zeros = m.groups()
     if (group or adaptive) and kind not in GROUPED:
         raise FormatError(f"{text!r}: {kind} takes no group size; -gN and -adaptive apply to int4/int3/int2 only")
+    if zeros:
+        return QFormat(kind, zeros=int(zeros))
     if adaptive:
         return QFormat(kind, 0)
     if kind in GROUPED:
@@ -177,7 +194,7 @@ def quantize(w: torch.Tensor, fmt: QFormat) -> dict[str, torch.Tensor]:
         q = (w / scales.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         return {"qweight": q, "scales": scales}
     if fmt.kind == "ternary":
-        t, scale = ternarize(w)
+        t, scale = ternarize(w, fmt.zeros / 100 if fmt.zeros else None)
         stream = packing.kernel_order((t + 1).to(torch.uint8))            # digits 0..2, kernel order
         return {"qweight": packing.pack_base3(stream), "scales": scale.bfloat16()}
     bits = GROUPED[fmt.kind]

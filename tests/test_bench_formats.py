@@ -17,7 +17,7 @@ register(app)  # idempotent: a no-op once offload/bench.py registers it itself
 runner = CliRunner()
 
 # hidden 64 / intermediate 96 in the tiny models: only group size 32 divides both
-FORMATS = "bf16,int8,int4-g32,int3-g32,int2-g32,ternary"
+FORMATS = "bf16,int8,int4-g32,int3-g32,int2-g32,ternary,ternary-z90"
 
 
 def _text(path, words: int = 500, vocab: int = 96):
@@ -38,6 +38,14 @@ def test_formats_json_on_a_tiny_checkpoint(tiny_dir, tmp_path):
     bits = {f: v["size"]["bits_per_param"] for f, v in rows.items()}
     assert bits["bf16"] == 16
     assert bits["int8"] > bits["int4-g32"] > bits["int3-g32"] > bits["int2-g32"] > bits["ternary"] > 1.58
+    assert bits["ternary"] > 1.5 * bits["ternary-z90"]  # lzma-coded sparse codes, measured from the files
+    err = {f: v["coding"]["weight_error"] for f, v in rows.items()}
+    assert err["bf16"] == 0 < err["int8"] < err["int4-g32"] < err["int3-g32"] < err["int2-g32"] < err["ternary"] \
+        < err["ternary-z90"] < 0.8
+    assert [v["size"]["lzma_records"] for v in rows.values()] == [0] * 6 + [24]
+    z90 = rows["ternary-z90"]["coding"]
+    assert z90["bits"]["lzma"] < z90["bits"]["lz4"] < z90["bits"]["raw"] and z90["read_ms"] > 0
+    assert z90["bits"]["lzma"] < 1.2 * z90["bits"]["entropy"]  # near the order-0 entropy (4 KB records: +11%)
     assert rows["bf16"]["agreement"] == 1.0 and rows["bf16"]["first_divergence"] is None
     assert rows["int8"]["agreement"] > 0.5  # int8 is near-lossless even on a random model
     assert all(math.isfinite(v["perplexity"]) and v["perplexity"] > 1 for v in rows.values())
@@ -46,7 +54,7 @@ def test_formats_json_on_a_tiny_checkpoint(tiny_dir, tmp_path):
     assert all(s["tok_s"] > 0 and s["hit_rate"] == 1.0 for s in res["speed"])
     conv = rows["int8"]["convert"]
     assert conv["when"] == "this run" and conv["seconds"] > 0 and conv["peak_rss"] > 0
-    for title in ("quality", "size", "decode speed", "converter"):
+    for title in ("quality", "size", "coding", "decode speed", "converter"):
         assert title in r.output
 
     # a second run reuses the converted stores and reports the first conversion's numbers

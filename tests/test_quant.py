@@ -18,11 +18,14 @@ from offload.quant import FormatError, QFormat, parse_format
 from offload.ternary import ternarize
 
 SHAPES = [(64, 128), (96, 256), (256, 512)]  # 96 rows: one 64-row kernel block plus a 32-row tail
-FORMATS = ["bf16", "fp32", "int8", "int4-g32", "int4-g64", "int4", "int3-g32", "int3", "int2-g32", "int2", "ternary"]
+FORMATS = ["bf16", "fp32", "int8", "int4-g32", "int4-g64", "int4", "int3-g32", "int3", "int2-g32", "int2", "ternary",
+           "ternary-z80", "ternary-z90"]
 # Relative Frobenius error bounds on Gaussian weights. Measured at 1024x3584: int8 0.009, int4 g32/g64/g128
-# 0.076/0.086/0.095, int3 g32/g128 0.155/0.184, int2 g32/g128 0.313/0.345, ternary 0.436.
+# 0.076/0.086/0.095, int3 g32/g128 0.155/0.184, int2 g32/g128 0.313/0.345, ternary 0.436, ternary-z80 0.620,
+# ternary-z90 0.758.
 MAX_ERR = {"bf16": 0.004, "fp32": 1e-7, "int8": 0.011, "int4-g32": 0.085, "int4-g64": 0.095, "int4": 0.105,
-           "int3-g32": 0.17, "int3": 0.20, "int2-g32": 0.33, "int2": 0.37, "ternary": 0.45}
+           "int3-g32": 0.17, "int3": 0.20, "int2-g32": 0.33, "int2": 0.37, "ternary": 0.45, "ternary-z80": 0.63,
+           "ternary-z90": 0.77}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -96,6 +99,31 @@ def test_ternary_known_answer_and_optimality():
         assert best <= rel(approx, g) + 1e-6
 
 
+@pytest.mark.parametrize("zeros, entropy", [(80, 0.92), (90, 0.57)])
+def test_sparse_ternary_keeps_each_rows_largest_at_the_target(zeros, entropy):
+    """ternary-zNN: each row keeps its largest |w| with NN% of codes zero, at the best scale for that support
+    (mean |w| over it), and decodes into the int4 kernel's layout exactly as dequantize reads it."""
+    shape = (96, 256)
+    w = gaussian(shape, seed=5)
+    fmt = parse_format(f"ternary-z{zeros}")
+    parts = quant.quantize(w, fmt)
+    t = quant.unpack_codes(parts, fmt, shape)
+    kept = t != 0
+    assert sorted(t.unique().tolist()) == [-1, 0, 1] and torch.equal(t[kept].float(), torch.sign(w)[kept])
+    assert kept.sum(1).eq(round((100 - zeros) / 100 * shape[1])).all()       # continuous weights: no ties
+    a = w.abs()
+    assert (a.masked_fill(~kept, float("inf")).amin(1) > a.masked_fill(kept, 0).amax(1)).all()
+    assert torch.allclose(parts["scales"].float(), (a * kept).sum(1) / kept.sum(1), rtol=2**-8)
+    dense = quant.dequantize(parts, fmt, shape)
+    assert torch.equal(dense, t.float() * parts["scales"].float()[:, None])
+    assert quant.entropy_bits(t) == pytest.approx(entropy, abs=0.02)
+    assert rel(dense, w) > rel(quant.dequantize(quant.quantize(w, QFormat("ternary")), QFormat("ternary"), shape), w)
+    resident = quant.to_compute(parts, fmt, shape)
+    assert torch.equal(resident["qweight"], packing.pack_int4((t + 8).to(torch.uint8), packing.native_layout()))
+    y = quant.qlinear(torch.eye(shape[1], dtype=torch.bfloat16), resident, fmt, shape)
+    assert torch.equal(y.float().t(), dense.bfloat16().float())
+
+
 # ---- contracts ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -126,9 +154,10 @@ def test_cuda_layout_is_dense_bf16():
 def test_storage_is_compact():
     shape = (1024, 512)
     bits = {n: quant.bits_per_param(quant.quantize(gaussian(shape), parse_format(n)), shape)
-            for n in ("int8", "int4", "int3", "int2", "ternary")}
+            for n in ("int8", "int4", "int3", "int2", "ternary", "ternary-z90")}
     assert bits == pytest.approx({"int8": 8 + 16 / 512, "int4": 4.25, "int3": 3.25, "int2": 2.25,
-                                  "ternary": 1.6 + 16 / 512}, abs=1e-3)
+                                  "ternary": 1.6 + 16 / 512, "ternary-z90": 1.6 + 16 / 512}, abs=1e-3)
+    # ternary-zNN has ternary's raw codes: its size comes from the disk store's lzma (tests/test_store.py)
     parts = quant.quantize(gaussian(shape), QFormat("ternary"))
     assert 0.5 < quant.bits_per_param(parts, shape, lz4_level=0) < 1.7  # measured, not assumed
     assert 1.4 < quant.entropy_bits(quant.unpack_codes(parts, QFormat("ternary"), shape)) < 1.6
@@ -247,6 +276,8 @@ def test_parse_format():
     assert parse_format(" INT4-g64 ") == QFormat("int4", 64)
     assert parse_format("int2-adaptive") == QFormat("int2", 0) and parse_format("int2-adaptive").adaptive
     assert parse_format("ternary") == QFormat("ternary") and parse_format("int8") == QFormat("int8")
+    assert parse_format("ternary-z80") == QFormat("ternary", zeros=80) and parse_format("ternary-z80").entropy_coded
+    assert not parse_format("ternary").entropy_coded
     for name in FORMATS + ["int3-adaptive"]:
         assert parse_format(str(parse_format(name))) == parse_format(name)
 
@@ -257,6 +288,9 @@ def test_parse_format():
     ("int4-g", "unknown weight format"),
     ("int8-g64", "int8 takes no group size"),
     ("ternary-adaptive", "ternary takes no group size"),
+    ("int4-z80", "applies to ternary only.*'ternary-z80'"),
+    ("ternary-z0", "unknown weight format.*ternary-z80"),
+    ("ternary-z100", "unknown weight format"),
 ])
 def test_parse_format_errors(text, match):
     with pytest.raises(FormatError, match=match):

@@ -10,13 +10,20 @@ import torch
 
 from offload import OffloadedModel, OffloadError
 from offload.arch import ARCHS
-from offload.convert import JOURNAL, PARTIAL, convert
+from offload.cli import DEMO_MODEL
+from offload.codec import RecordCodec, format_rule
+from offload.convert import JOURNAL, PARTIAL, build_store, convert
 from offload.source import CheckpointSource
 from offload.store import DATA, INDEX, DiskStore, RamStore
 
 
 def source_of(path, arch="mixtral", dtype=torch.bfloat16):
     return CheckpointSource(path, ARCHS[arch], 8, dtype)
+
+
+def codec_of(src, bits):
+    """The record codec of a quantized store (None: dense records)."""
+    return bits and RecordCodec(src.layout, format_rule(bits), src.arch.transposed, torch.device("cpu"))
 
 
 def digest(store_dir):
@@ -46,11 +53,11 @@ def test_flipped_byte_is_caught_with_file_and_key(tiny_dir, tmp_path):
     convert(src, tmp_path / "s", {"format": "dense"}, progress=False)
     data = tmp_path / "s" / DATA
     raw = bytearray(data.read_bytes())
-    rec = DiskStore(tmp_path / "s").record_bytes
-    raw[5 * rec + 17] ^= 0xFF
+    store = DiskStore(tmp_path / "s")
+    raw[store.extent(src.keys()[5])[0] + 17] ^= 0xFF
     data.write_bytes(bytes(raw))
     store = DiskStore(tmp_path / "s")
-    buf = torch.empty(rec, dtype=torch.uint8)
+    buf = torch.empty(store.record_bytes, dtype=torch.uint8)
     store.read_into(src.keys()[4], buf)  # neighbours are fine
     with pytest.raises(OffloadError, match=r"checksum mismatch in .*experts.bin for expert \(0, 5\)"):
         store.read_into(src.keys()[5], buf)
@@ -67,9 +74,12 @@ def test_corrupt_store_surfaces_during_generation(tiny_dir, tmp_path):
         m.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2)
 
 
-def test_interrupted_conversion_resumes_byte_identical(tiny_dir, tmp_path, monkeypatch):
-    src = source_of(tiny_dir("qwen3_moe"), "qwen3_moe")
-    convert(src, tmp_path / "clean", {"format": "dense"}, progress=False)
+@pytest.mark.parametrize("arch, bits", [("qwen3_moe", None), ("mixtral", "ternary-z90")])
+def test_interrupted_conversion_resumes_byte_identical(tiny_dir, tmp_path, monkeypatch, arch, bits):
+    """Fixed-size raw records, and variable-length lzma ones: a killed conversion resumes to the same bytes."""
+    src = source_of(tiny_dir(arch), arch)
+    codec, settings = codec_of(src, bits), {"format": bits or "dense"}
+    convert(src, tmp_path / "clean", settings, codec, progress=False)
     calls = {"n": 0}
     real_read = CheckpointSource.read
 
@@ -82,15 +92,17 @@ def test_interrupted_conversion_resumes_byte_identical(tiny_dir, tmp_path, monke
     monkeypatch.setattr(CheckpointSource, "read", dying_read)
     monkeypatch.setattr("offload.convert.time.monotonic", iter(range(0, 10**6, 2)).__next__)  # journal every record
     with pytest.raises(KeyboardInterrupt):
-        convert(src, tmp_path / "resumed", {"format": "dense"}, progress=False)
+        convert(src, tmp_path / "resumed", settings, codec, progress=False)
     assert not (tmp_path / "resumed" / INDEX).exists(), "an interrupted store must not look valid"
     journal = json.loads((tmp_path / "resumed" / JOURNAL).read_text())
     assert len(journal["records"]) == 10
+    lengths = {r[5] for r in journal["records"]}
+    assert len(lengths) == 1 if bits is None else (len(lengths) > 1 and {r[6] for r in journal["records"]} == {"lzma"})
     # garbage after the journalled records (a half-written record) must be discarded on resume
     with open(tmp_path / "resumed" / PARTIAL, "ab") as f:
         f.write(b"\x01" * 100)
     monkeypatch.setattr(CheckpointSource, "read", real_read)
-    convert(src, tmp_path / "resumed", {"format": "dense"}, progress=False)
+    convert(src, tmp_path / "resumed", settings, codec, progress=False)
     assert digest(tmp_path / "resumed") == digest(tmp_path / "clean")
 
 
@@ -139,14 +151,50 @@ def test_lz4_only_where_it_pays_and_round_trips(tiny_dir, tmp_path):
     src.read = sparse_every_other
     convert(src, tmp_path / "s", {"format": "dense"}, progress=False)
     store = DiskStore(tmp_path / "s")
-    assert store.compressed() == 12
-    flags = {tuple(r[:2]): r[4] for r in json.loads((tmp_path / "s" / INDEX).read_text())["records"]}
-    assert all((flags[k] is not None) == (k[1] % 2 == 0) for k in flags)
+    assert [store.codec_of(k) for k in src.keys()] == ["lz4" if k[1] % 2 == 0 else None for k in src.keys()]
+    assert (tmp_path / "s" / DATA).stat().st_size == sum(store.extent(k)[1] for k in src.keys())  # no padding
     got, want = (torch.empty(store.record_bytes, dtype=torch.uint8) for _ in range(2))
     for key in src.keys():
         store.read_into(key, got)
         src.layout.pack(sparse_every_other(key), want)
         assert torch.equal(got, want), key
+
+
+def test_lzma_records_round_trip_and_a_flipped_byte_is_caught(tiny_dir, tmp_path):
+    """ternary-z90 records are stored lzma-coded, back to back, and read back as the encoder's exact bytes."""
+    src = source_of(tiny_dir("mixtral"))
+    codec = codec_of(src, "ternary-z90")
+    convert(src, tmp_path / "s", {"format": "ternary-z90"}, codec, progress=False)
+    store = DiskStore(tmp_path / "s")
+    got, want = (torch.zeros(store.record_bytes, dtype=torch.uint8) for _ in range(2))
+    end = 0
+    for key in src.keys():
+        _kind, layout, tensors = codec.encode(key, src.read(key))
+        layout.pack(tensors, want[: layout.nbytes])
+        assert store.read_into(key, got) == store.extent(key)[1] < 0.6 * layout.nbytes
+        assert torch.equal(got[: layout.nbytes], want[: layout.nbytes]), key
+        assert store.codec_of(key) == "lzma" and store.extent(key)[0] == end
+        end = sum(store.extent(key))
+    assert (tmp_path / "s" / DATA).stat().st_size == end
+    data = tmp_path / "s" / DATA
+    raw = bytearray(data.read_bytes())
+    offset, length = store.extent(src.keys()[5])
+    raw[offset + length // 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+    store = DiskStore(tmp_path / "s")
+    store.read_into(src.keys()[6], got)  # neighbours are fine
+    with pytest.raises(OffloadError, match=r"checksum mismatch in .*experts.bin for expert \(0, 5\)"):
+        store.read_into(src.keys()[5], got)
+
+
+def test_ternary_z90_store_is_below_one_bit_per_param_on_disk(tmp_path):
+    """Measured from the files (index + data) of the demo model's store, not from the format's arithmetic."""
+    build_store(DEMO_MODEL, tmp_path / "s", bits="ternary-z90", progress=False)
+    store = DiskStore(tmp_path / "s")
+    params = 64 * 3 * 256 * 288  # 4 layers x 16 experts of gate, up, down
+    size = sum((tmp_path / "s" / name).stat().st_size for name in (INDEX, DATA))
+    assert len(store.keys()) == 64 and all(store.codec_of(k) == "lzma" for k in store.keys())
+    assert 0.55 < 8 * size / params < 1.0
 
 
 def test_full_disk_while_converting_is_one_line_and_not_valid(tiny_dir, tmp_path, monkeypatch):
