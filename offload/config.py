@@ -50,6 +50,8 @@ class OffloadConfig:
     lookahead: int = 1                  # how many MoE layers ahead the predictor looks
     prefetch_width: int | None = None   # experts prefetched per predicted layer (default: top_k)
     prefetch_min_precision: float = 0.5  # pause prefetching while fewer predictions than this come true
+    prefetch_worker: str = "auto"       # who loads prefetches: process (CPU, Linux), thread, or auto (process
+                                        # where it can: a thread contends with compute for the GIL)
     context: int | None = None          # tokens of KV cache to plan for (default: min(model max, 4096))
     trace: bool = False                 # record routing (experts and weights per token and layer)
     verify: bool = True                 # check each record's checksum when it is read from the disk store
@@ -85,6 +87,11 @@ class OffloadConfig:
             raise OffloadError(f"lookahead must be between 1 and 8, got {self.lookahead}")
         if not 0.0 <= self.prefetch_min_precision <= 1.0:
             raise OffloadError(f"prefetch_min_precision must be in [0, 1], got {self.prefetch_min_precision}")
+        if self.prefetch_worker not in ("auto", "process", "thread"):
+            raise OffloadError(f"prefetch_worker must be auto, process or thread, got {self.prefetch_worker!r}")
+        if self.prefetch_worker == "process" and str(self.device).startswith("cuda"):
+            raise OffloadError("prefetch_worker='process' is for device='cpu'; CUDA copies run on a thread "
+                               "(use prefetch_worker='auto')")
         if self.prefetch_width is not None and self.prefetch_width < 1:
             raise OffloadError(f"prefetch_width must be at least 1, got {self.prefetch_width}")
         from cache import POLICIES  # late: keeps `offload.config` importable alone

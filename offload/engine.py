@@ -22,12 +22,12 @@ PRECISION_EMA = 0.05  # weight of one decode step in the prefetch-precision aver
 class Engine:
     def __init__(self, store, cache: ExpertCache, slots: SlotPool, num_experts: int, top_k: int,
                  moe_layers: list[int], predictor=None, prefetch_width: int | None = None,
-                 codec=None, tracer=None, min_precision: float = 0.5) -> None:
+                 codec=None, tracer=None, min_precision: float = 0.5, worker: str = "thread") -> None:
         self.store, self.cache, self.slots = store, cache, slots
         self.num_experts, self.top_k, self.moe_layers = num_experts, top_k, moe_layers
         self.stats = EngineStats()
         transform = None if codec is None else (lambda key, rec, slot: codec.transform(store.format_of(key), rec, slot))
-        self.prefetcher = Prefetcher(store, cache, slots, self.stats, transform=transform)
+        self.prefetcher = Prefetcher(store, cache, slots, self.stats, transform=transform, worker=worker)
         self.predictor, self.tracer = predictor, tracer
         self.prefetch_width = prefetch_width or top_k
         self.codec = codec  # quantized records (None: dense weights in the slot)

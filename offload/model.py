@@ -72,12 +72,13 @@ class OffloadedModel:
         moe_layers = sorted(moe_layers)
         tracer = (Tracer(moe_layers, num_experts, top_k, hf_config.model_type, store.record_bytes)
                   if cfg.trace else None)
-        slots = SlotPool(capacity, slot_bytes, device)
+        worker = _prefetch_worker(cfg, device)
+        slots = SlotPool(capacity, slot_bytes, device, shared=worker == "process")
         engine = Engine(store, ExpertCache(capacity, make_cache_policy(cfg.policy, capacity, moe_layers, top_k)),
                         slots, num_experts, top_k, moe_layers,
                         predictor=_predictor(cfg, model, moe_layers, num_experts, top_k),
                         prefetch_width=cfg.prefetch_width, codec=codec, tracer=tracer,
-                        min_precision=cfg.prefetch_min_precision)
+                        min_precision=cfg.prefetch_min_precision, worker=worker)
         for module in model.modules():
             if getattr(module, "layer_idx", None) is not None and hasattr(module, "engine"):
                 module.engine = engine
@@ -168,6 +169,18 @@ def make_cache_policy(name: str, capacity: int, moe_layers: list[int], top_k: in
     if name in ("lfru", "score"):  # they age per token: one token = top_k uses in every MoE layer
         return make_policy(name, uses_per_token=float(top_k * len(moe_layers)))
     return make_policy(name)
+
+
+def _prefetch_worker(cfg: OffloadConfig, device: torch.device) -> str:
+    """The loader process where it can run (a predictor prefetches, CPU slots, Linux fork), else a thread."""
+    from offload.loader import fork_available
+
+    if cfg.prefetch_worker == "process" and not fork_available():
+        raise OffloadError("prefetch_worker='process' needs Linux (fork); use prefetch_worker='thread'")
+    if cfg.prefetch_worker != "auto":
+        return cfg.prefetch_worker
+    use = cfg.predictor not in (None, "none") and device.type == "cpu" and fork_available()
+    return "process" if use else "thread"
 
 
 def _predictor(cfg: OffloadConfig, model, moe_layers: list[int], num_experts: int, top_k: int):

@@ -1,8 +1,9 @@
 """Prefetcher: the only place that moves expert bytes between tiers.
 
 `submit(keys)` starts loads in the background (skipping resident or in-flight keys); `fetch(key)` returns
-a ready slot, demand-loading on a miss. Loads run on a worker thread (store reads, decompression and
-copies release the GIL) so they overlap the main thread's compute. A demand for a key still queued
+a ready slot, demand-loading on a miss. On CPU, loads run in a forked loader process writing into the
+shared slot pool (`offload.loader`: a thread would fight the main thread for the GIL at every torch op);
+on CUDA, and where fork is unavailable, on a worker thread (store reads and copies release the GIL). A demand for a key still queued
 behind other prefetches is stolen and loaded at once: demand always beats prefetch. On CUDA the worker
 stages records in pinned host buffers and copies them on a dedicated stream; compute waits only on the
 event of the expert it needs. In-flight keys stay pinned in the cache until the main thread reaps them,
@@ -28,20 +29,22 @@ _STOP = object()
 
 
 class _Job:
-    __slots__ = ("key", "slot", "state", "lock", "done", "error", "event")
+    __slots__ = ("done", "error", "event", "key", "lock", "seq", "slot", "state")
 
     def __init__(self, key: Key, slot: int) -> None:
         self.key, self.slot, self.state = key, slot, QUEUED
         self.lock, self.done = threading.Lock(), threading.Event()
         self.error: BaseException | None = None
         self.event = None  # CUDA event recorded after the copy
+        self.seq = 0  # the loader process's job number
 
 
 class Prefetcher:
     def __init__(self, store, cache: ExpertCache, slots: SlotPool, stats: EngineStats,
                  transform: Callable[[Key, torch.Tensor, torch.Tensor], None] | None = None,
-                 staging_buffers: int = 4) -> None:
-        """`transform(key, record, slot)` turns a stored record into its resident form (None: a plain copy)."""
+                 staging_buffers: int = 4, worker: str = "thread") -> None:
+        """`transform(key, record, slot)` turns a stored record into its resident form (None: a plain copy).
+        `worker`: "thread", or "process" (CPU only; `slots` must be shared, see SlotPool)."""
         self.store, self.cache, self.slots, self.stats, self.transform = store, cache, slots, stats, transform
         self.cuda = slots.device.type == "cuda"
         self._jobs: dict[Key, _Job] = {}
@@ -49,6 +52,13 @@ class Prefetcher:
         self._prefetched: set[Key] = set()  # prefetched and not used yet
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
+        if worker not in ("thread", "process"):
+            raise ValueError(f"worker must be 'thread' or 'process', got {worker!r}")
+        if worker == "process" and (self.cuda or not slots.shared):
+            raise ValueError("a loader process needs CPU slots in shared memory (SlotPool(shared=True))")
+        self.worker = worker
+        self._loader = None  # LoaderProcess, started with the first prefetch
+        self._by_seq: dict[int, _Job] = {}
         self._stats_lock = threading.Lock()
         if self.cuda:
             nbytes = store.record_bytes
@@ -100,8 +110,23 @@ class Prefetcher:
             job = self._jobs[key] = _Job(key, slot)
             self._prefetched.add(key)
             self.stats.prefetch_issued += 1
-            self._ensure_worker()
-            self._queue.put(job)
+            if self.worker == "process":
+                if self._loader is None:
+                    from offload.loader import LoaderProcess
+
+                    self._loader = LoaderProcess(self._fill, self.cache.capacity)
+                try:
+                    job.seq = self._loader.submit(key, slot)
+                except OffloadError:  # the loader died: undo this job, then say so
+                    del self._jobs[key]
+                    self._prefetched.discard(key)
+                    self.cache.unpin(key)
+                    self.cache.remove(key)
+                    raise
+                self._by_seq[job.seq] = job
+            else:
+                self._ensure_worker()
+                self._queue.put(job)
 
     def drain(self) -> None:
         """Wait for every in-flight prefetch (used before reading stats or shutting down)."""
@@ -116,6 +141,9 @@ class Prefetcher:
         return sum(1 for k in self._prefetched if k in self.cache)
 
     def close(self) -> None:
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
         if self._worker is not None:
             self._queue.put(_STOP)
             self._worker.join(timeout=10)
@@ -126,16 +154,25 @@ class Prefetcher:
 
     # --- internals --------------------------------------------------------------------------------
     def _finish(self, job: _Job) -> None:
-        with job.lock:
-            stolen = job.state == QUEUED
-            if stolen:
-                job.state = STOLEN
+        if self.worker == "process":
+            if job.seq not in self._by_seq:  # reaped already (drain walks a snapshot)
+                return
+            stolen = self._loader.steal(job.slot)
+        else:
+            with job.lock:
+                stolen = job.state == QUEUED
+                if stolen:
+                    job.state = STOLEN
         t0 = time.perf_counter()
         if stolen:
             try:
                 self._wait_event(self._load(job.key, job.slot))
             except BaseException as e:
                 job.error = e
+        elif self.worker == "process":
+            self._reap(until=job.seq)  # releases this job too, raising its error if it failed
+            self.stats.stall_seconds += time.perf_counter() - t0
+            return
         else:
             job.done.wait()
             self._wait_event(job.event)
@@ -154,7 +191,23 @@ class Prefetcher:
                 raise err
             raise RuntimeError(f"loading expert {job.key} failed in the prefetch worker: {err}") from err
 
-    def _reap(self) -> None:
+    def _reap(self, until: int | None = None) -> None:
+        if self._loader is not None:
+            jobs = []
+            for seq, n, seconds, error in self._loader.completions(until):
+                job = self._by_seq.pop(seq)
+                job.error = error
+                self._count(n, seconds)
+                jobs.append(job)
+            failed = None
+            for job in jobs:  # release every one before raising the first error
+                try:
+                    self._release(job)
+                except BaseException as e:
+                    failed = failed or e
+            if failed is not None:
+                raise failed
+            return
         while self._finished:
             job = self._finished.popleft()
             self._wait_event(job.event)
@@ -193,18 +246,24 @@ class Prefetcher:
         if self.cuda:
             event, n = self._load_cuda(key, slot)
         else:
-            event = None
-            if self.transform is None:
-                n = self.store.read_into(key, self.slots.raw(slot))
-            else:
-                record = self._thread_scratch()
-                n = self.store.read_into(key, record)
-                self.transform(key, record, self.slots.raw(slot))
-        with self._stats_lock:
-            self.stats.bytes_loaded[self.store.tier] += n
-            self.stats.loads += 1
-            self.stats.load_seconds += time.perf_counter() - t0
+            event, n = None, self._fill(key, slot)
+        self._count(n, time.perf_counter() - t0)
         return event
+
+    def _fill(self, key: Key, slot: int) -> int:
+        """CPU: the record of `key` into `slot`, in its resident form; returns the bytes read from the store."""
+        if self.transform is None:
+            return self.store.read_into(key, self.slots.raw(slot))
+        record = self._thread_scratch()
+        n = self.store.read_into(key, record)
+        self.transform(key, record, self.slots.raw(slot))
+        return n
+
+    def _count(self, nbytes: int, seconds: float) -> None:
+        with self._stats_lock:
+            self.stats.bytes_loaded[self.store.tier] += nbytes
+            self.stats.loads += 1
+            self.stats.load_seconds += seconds
 
     def _thread_scratch(self) -> torch.Tensor:
         tid = threading.get_ident()

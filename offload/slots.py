@@ -5,15 +5,24 @@ expert-cache lesson). Which key sits in which slot is decided by `cache.ExpertCa
 """
 from __future__ import annotations
 
+import mmap
+
 import torch
 
 from offload.layout import ExpertLayout
 
 
 class SlotPool:
-    def __init__(self, capacity: int, record_bytes: int, device: torch.device) -> None:
+    def __init__(self, capacity: int, record_bytes: int, device: torch.device, shared: bool = False) -> None:
+        """`shared`: CPU slots in an anonymous shared mapping, so a forked loader process writes into the
+        same memory (no /dev/shm needed: containers often cap it at 64 MB)."""
         self.capacity, self.record_bytes, self.device = capacity, record_bytes, torch.device(device)
-        self.buf = torch.zeros(capacity, record_bytes, dtype=torch.uint8, device=self.device)
+        self.shared = shared and self.device.type == "cpu"
+        if self.shared:
+            self._map = mmap.mmap(-1, capacity * record_bytes)  # MAP_SHARED | MAP_ANONYMOUS, zero-filled
+            self.buf = torch.frombuffer(self._map, dtype=torch.uint8).view(capacity, record_bytes)
+        else:
+            self.buf = torch.zeros(capacity, record_bytes, dtype=torch.uint8, device=self.device)
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
 
     @property

@@ -1,4 +1,5 @@
-"""Prefetcher under stress: random routing, tiny capacity, random load delays on a real worker thread."""
+"""Prefetcher under stress: random routing, tiny capacity, random load delays, on a real worker thread and in a
+real forked loader process (writing into shared slot memory)."""
 from __future__ import annotations
 
 import random
@@ -10,11 +11,23 @@ import torch
 
 from cache import ExpertCache, make_policy
 from offload.errors import OffloadError
+from offload.loader import fork_available
 from offload.prefetch import Prefetcher
 from offload.slots import SlotPool
 from offload.stats import EngineStats
 
 RECORD = 64
+WORKERS = ["thread", pytest.param("process", marks=pytest.mark.skipif(not fork_available(), reason="needs fork"))]
+
+
+def make(store, capacity: int, worker: str, stats: EngineStats | None = None):
+    cache = ExpertCache(capacity, make_policy("lru"))
+    slots = SlotPool(capacity, RECORD, torch.device("cpu"), shared=worker == "process")
+    return cache, slots, Prefetcher(store, cache, slots, stats or EngineStats(), worker=worker)
+
+
+def stopped(pf: Prefetcher) -> bool:
+    return pf._worker is None and pf._loader is None
 
 
 class StampStore:
@@ -41,14 +54,13 @@ class StampStore:
         return RECORD
 
 
+@pytest.mark.parametrize("worker", WORKERS)
 @pytest.mark.parametrize("seed", range(3))
-def test_random_routing_no_deadlock_no_double_slot_exact_accounting(seed):
+def test_random_routing_no_deadlock_no_double_slot_exact_accounting(seed, worker):
     rng = random.Random(seed)
     layers, experts, k, capacity = 4, 8, 2, 3
-    cache = ExpertCache(capacity, make_policy("lru"))
     stats = EngineStats()
-    slots = SlotPool(capacity, RECORD, torch.device("cpu"))
-    pf = Prefetcher(StampStore(seed), cache, slots, stats)
+    cache, slots, pf = make(StampStore(seed), capacity, worker, stats)
     uses = 0
     for step in range(1500):
         layer = step % layers
@@ -75,12 +87,12 @@ def test_random_routing_no_deadlock_no_double_slot_exact_accounting(seed):
     assert stats.prefetch_useful <= stats.prefetch_issued
     assert stats.prefetch_useful <= c.hits, "a prefetch evicted before use must not count as useful"
     assert not cache.pinned(), "pins leaked"
-    assert pf._worker is None
+    assert stopped(pf)
 
 
-def test_worker_error_surfaces_in_caller_with_cause():
-    cache = ExpertCache(4, make_policy("lru"))
-    pf = Prefetcher(StampStore(0, fail_key=(1, 3)), cache, SlotPool(4, RECORD, torch.device("cpu")), EngineStats())
+@pytest.mark.parametrize("worker", WORKERS)
+def test_worker_error_surfaces_in_caller_with_cause(worker):
+    cache, _slots, pf = make(StampStore(0, fail_key=(1, 3)), 4, worker)
     pf.submit([(1, 3)])
     with pytest.raises(OffloadError, match="checksum mismatch for expert \\(1, 3\\)"):
         for _ in range(200):
@@ -91,16 +103,28 @@ def test_worker_error_surfaces_in_caller_with_cause():
     pf.close()
 
 
-def test_demand_steals_a_queued_prefetch_and_close_is_clean():
-    store = StampStore(1)
-    cache = ExpertCache(8, make_policy("lru"))
-    slots = SlotPool(8, RECORD, torch.device("cpu"))
-    pf = Prefetcher(store, cache, slots, EngineStats())
+@pytest.mark.parametrize("worker", WORKERS)
+def test_demand_steals_a_queued_prefetch_and_close_is_clean(worker):
+    cache, slots, pf = make(StampStore(1), 8, worker)
     keys = [(0, e) for e in range(8)]
     pf.submit(keys)
     slot = pf.fetch((0, 7))  # last in the queue: loaded at once by the caller, not after the other 7
     assert (int(slots.buf[slot, 0]), int(slots.buf[slot, 1])) == (0, 7)
-    worker = pf._worker
+    runner = pf._worker if worker == "thread" else pf._loader._proc
     pf.close()
-    assert worker is not None and not worker.is_alive()
-    assert not cache.pinned()
+    assert runner is not None and not runner.is_alive()
+    assert not cache.pinned() and stopped(pf)
+
+
+def test_a_dead_loader_process_is_a_clear_error():
+    if not fork_available():
+        pytest.skip("needs fork")
+    cache, _slots, pf = make(StampStore(2), 4, "process")
+    pf.submit([(0, 1)])
+    pf.drain()
+    pf._loader._proc.kill()
+    pf._loader._proc.join()
+    with pytest.raises(OffloadError, match="loader process died"):
+        pf.submit([(0, 2)])
+    assert (0, 2) not in cache and not cache.pinned()
+    pf.close()
