@@ -6,7 +6,7 @@ flight) are never evicted; everything else is up to the policy.
 """
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import asdict, dataclass
 
 from cache.policies import CachePolicy, Key
@@ -74,18 +74,17 @@ class ExpertCache:
         self.stats.hits += uses - 1
         return slot, False
 
-    def insert_prefetch(self, key: Key, weight: float = 0.0, protect_layers: Container[int] = ()) -> int | None:
+    def insert_prefetch(self, key: Key, weight: float = 0.0, protect: Callable[[Key], bool] | None = None) -> int | None:
         """Make room for a prefetched key; None (prefetch dropped) when that would take a slot that a pinned,
-        not yet resident key (a demand load of the layer being computed) still needs, or when the only
-        evictable keys belong to `protect_layers` (layers about to run: a guess must not evict what they
-        will probably use)."""
+        not yet resident key (a demand load of the layer being computed) still needs, or when every evictable
+        key is one `protect` says a guess must not displace."""
         if key in self._slot:
             return None
         pinned_resident = sum(1 for k in self._pins if k in self._slot)
         room = len(self._free) + len(self._slot) - pinned_resident  # slots a demand load could still take
         if room <= len(self._pins) - pinned_resident:  # those are reserved for pinned keys not yet resident
             return None
-        blocked = _Blocked(self._pins, protect_layers) if protect_layers else self._pins.keys()
+        blocked = self._pins.keys() if protect is None else _Blocked(self._pins, protect)
         if not self._free and self.policy.victim(key, blocked) is None:
             return None
         self.stats.prefetch_inserts += 1
@@ -129,13 +128,13 @@ class ExpertCache:
 
 
 class _Blocked:
-    """Keys a prefetch may not evict: the pinned ones and every key of the protected layers. Policies only
-    test membership (`key in pinned`), so that is all this answers."""
+    """Keys a prefetch may not evict: the pinned ones and the protected ones. Policies only test membership
+    (`key in pinned`), so that is all this answers."""
 
-    __slots__ = ("_layers", "_pins")
+    __slots__ = ("_pins", "_protect")
 
-    def __init__(self, pins: Container[Key], layers: Container[int]) -> None:
-        self._pins, self._layers = pins, layers
+    def __init__(self, pins: Container[Key], protect: Callable[[Key], bool]) -> None:
+        self._pins, self._protect = pins, protect
 
     def __contains__(self, key: object) -> bool:
-        return key in self._pins or key[0] in self._layers  # type: ignore[index]
+        return key in self._pins or self._protect(key)  # type: ignore[arg-type]

@@ -133,6 +133,7 @@ class OffloadedModel:
         if e.predictor is not None:
             e.predictor.reset()
             e.precision, e._predicted = 1.0, {}
+            e._last_use.clear()
         if e.tracer is not None:
             e.tracer.reset()
         self.reset_stats()

@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -95,14 +95,14 @@ class Prefetcher:
             self.stats.stall_seconds += time.perf_counter() - t0
         return slot
 
-    def submit(self, keys: Iterable[Key], protect_layers: Container[int] = ()) -> None:
-        """Start loading `keys` in the background; a key that cannot get a slot without evicting an expert of
-        `protect_layers` is dropped (costs nothing)."""
+    def submit(self, keys: Iterable[Key], protect: Callable[[Key], bool] | None = None) -> None:
+        """Start loading `keys` in the background; a key that cannot get a slot without evicting a key
+        `protect` accepts is dropped (costs nothing)."""
         self._reap()
         for key in keys:
             if key in self.cache or key in self._jobs:
                 continue
-            slot = self.cache.insert_prefetch(key, protect_layers=protect_layers)
+            slot = self.cache.insert_prefetch(key, protect=protect)
             if slot is None:
                 self.stats.prefetch_dropped += 1
                 continue

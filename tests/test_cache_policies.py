@@ -239,15 +239,17 @@ def test_belady_never_beaten():
 
 
 @pytest.mark.parametrize("name", ["lru", "lfu", "lfru", "score"])
-def test_prefetch_never_evicts_protected_layers(name):
-    """A prefetch issued for the next layers takes its slot from the layers just computed, or is dropped."""
+def test_prefetch_never_evicts_protected_keys(name):
+    """A prefetch takes its slot only from keys `protect` rejects, or is dropped; demand loads ignore it."""
     cache = ExpertCache(2, make_policy(name))
     cache.access((1, 0))
     cache.access((0, 0))  # LRU order: (1, 0) is the oldest
     cache.access((0, 0))
-    assert cache.insert_prefetch((1, 1), protect_layers={1, 2, 3}) is not None
+    assert cache.insert_prefetch((1, 1), protect=lambda k: k[0] == 1) is not None
     assert (1, 0) in cache and (0, 0) not in cache
-    assert cache.insert_prefetch((2, 0), protect_layers={1, 2}) is None  # only protected keys are left
+    assert cache.insert_prefetch((2, 0), protect=lambda k: k[0] == 1) is None  # only protected keys are left
     assert set(cache.keys()) == {(1, 0), (1, 1)}
     assert cache.insert_prefetch((2, 0)) is not None  # unprotected: the policy's own victim
     assert len(cache) == 2 and (2, 0) in cache
+    cache.access((3, 0))  # a demand miss evicts whatever the policy says
+    assert (3, 0) in cache
