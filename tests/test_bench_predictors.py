@@ -63,15 +63,18 @@ def test_prefetch_smoke(app, tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("predictor", ["gate", "previous", "frequency"])
 def test_prefetch_is_lossless_on_the_disk_tier(predictor, tiny_dir, tmp_path):
-    """Every predictor, lookahead 1 and 2, a cache of 3 of 24 experts, disk store: same tokens as no prefetch."""
+    """Every predictor, lookahead 1 and 2, a cache of 8 of 24 experts, disk store: same tokens as no prefetch."""
     path = tiny_dir("qwen3_moe")
     ids = torch.randint(3, 90, (1, 8), generator=torch.Generator().manual_seed(11))
     kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
-    opts = dict(store="disk", store_dir=tmp_path / "s", cache_experts=3)
+    opts = dict(store="disk", store_dir=tmp_path / "s", cache_experts=8)
     with OffloadedModel.from_pretrained(path, **opts) as base:
         want = base.generate(ids, **kw)
     for d in (1, 2):
         with OffloadedModel.from_pretrained(path, predictor=predictor, lookahead=d, **opts) as m:
             assert torch.equal(m.generate(ids, **kw), want), f"{predictor} lookahead {d}"
             s = m.stats()
-            assert s["prefetch_issued"] > 0 and s["hits"] + s["misses"] == (want.shape[1] - 1) * 3 * 2
+            assert s["hits"] + s["misses"] == (want.shape[1] - 1) * 3 * 2
+            # `previous` names last token's experts: still resident under LRU, or (when the cache is smaller
+            # than one token's experts) only displaceable by evicting recent ones, which prefetch never does
+            assert (s["prefetch_issued"] > 0) == (predictor != "previous"), s
