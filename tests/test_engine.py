@@ -201,7 +201,7 @@ def test_prefetch_pauses_while_predictions_are_wrong(tiny_dir):
     ids = prompt(7)
     runs = {}
     for floor in (0.0, 1.0):
-        m = OffloadedModel.from_pretrained(path, cache_experts=4, predictor="gate", prefetch_min_precision=floor)
+        m = OffloadedModel.from_pretrained(path, cache_experts=10, predictor="gate", prefetch_min_precision=floor)
         runs[floor] = (greedy(m, ids), m.stats())
     (tokens0, s0), (tokens1, s1) = runs[0.0], runs[1.0]
     assert torch.equal(tokens0, tokens1)

@@ -19,7 +19,7 @@ def test_cuda_generation_identical_to_transformers(arch, predictor, tiny_dir, tm
                                                device_map={"": "cuda"})
     want = ref.generate(ids.cuda(), max_new_tokens=32, min_new_tokens=32, do_sample=False).cpu()
     for store in ("ram", "disk"):
-        m = OffloadedModel.from_pretrained(path, device="cuda", cache_experts=3, predictor=predictor, store=store,
+        m = OffloadedModel.from_pretrained(path, device="cuda", cache_experts=10, predictor=predictor, store=store,
                                            store_dir=tmp_path / "s")
         got = m.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False).cpu()
         assert torch.equal(got, want)
@@ -32,6 +32,6 @@ def test_cuda_quantized_store_is_lossless_under_offloading(tiny_dir, tmp_path):
     ids = torch.randint(3, 90, (1, 10), generator=torch.Generator().manual_seed(1))
     full = OffloadedModel.from_pretrained(path, device="cuda", bits="int4-g32", store="disk", store_dir=tmp_path / "s")
     small = OffloadedModel.from_pretrained(path, device="cuda", bits="int4-g32", store="disk",
-                                           store_dir=tmp_path / "s", cache_experts=2, predictor="gate")
+                                           store_dir=tmp_path / "s", cache_experts=10, predictor="gate")
     kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False)
     assert torch.equal(full.generate(ids, **kw).cpu(), small.generate(ids, **kw).cpu())
