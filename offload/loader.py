@@ -12,7 +12,9 @@ reused since harmless. Completions come back over a pipe; the main process reads
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
+import os
 import pickle
 import signal
 import sys
@@ -41,13 +43,12 @@ class LoaderProcess:
         self._ready = ctx.Semaphore(0)  # one per message sent: the process sleeps on this, not on the pipe
         self._done = ctx.RawValue("q", 0)  # replies sent so far: checking it costs no system call
         self._received = 0
+        self._replies: list = []  # read early (see submit), handed out by the next `completions`
         self._next = 0
-        self._proc = ctx.Process(target=_serve, args=(child, self._ready, self._done, fill, self._seq, self._state,
-                                                      self._lock),
-                                 name="moe-offload-loader", daemon=True)
+        args = (child, self._ready, self._done, fill, self._seq, self._state, self._lock)
+        self._proc = ctx.Process(target=_serve, args=args, name="moe-offload-loader", daemon=True)
         self._proc.start()
         child.close()
-
 
     def submit(self, key, slot: int) -> int:
         """Queue a load of `key` into `slot`; returns the job's sequence number."""
@@ -55,8 +56,9 @@ class LoaderProcess:
         with self._lock:
             self._seq[slot], self._state[slot] = self._next, QUEUED
         try:
+            self._read_replies()  # never both blocked writing to each other: we drain before we send
             self._conn.send((self._next, slot, key))
-        except OSError:
+        except (EOFError, OSError):
             raise self._died() from None
         self._ready.release()
         return self._next
@@ -72,14 +74,23 @@ class LoaderProcess:
     def completions(self, until: int | None = None) -> list[tuple[int, int, float, BaseException | None]]:
         """(seq, bytes, seconds, error) of finished jobs: those ready now, and with `until`, every one up to
         and including job `until` (blocking until it is done)."""
-        out = []
+        out, self._replies = self._replies, []
         try:
-            while self._done.value > self._received or (until is not None and all(c[0] != until for c in out)):
+            self._read_replies()
+            out += self._replies
+            self._replies = []
+            while until is not None and all(c[0] != until for c in out):
                 out.append(self._conn.recv())
                 self._received += 1
         except (EOFError, OSError):
             raise self._died() from None
         return out
+
+    def _read_replies(self) -> None:
+        """Read every reply the process has announced (it counts one before sending it)."""
+        while self._done.value > self._received:
+            self._replies.append(self._conn.recv())
+            self._received += 1
 
     def _died(self) -> OffloadError:
         self._proc.join(timeout=1)
@@ -102,9 +113,21 @@ class LoaderProcess:
         self._proc = None
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when the main one dies, however it dies (kill -9 included): it would
+    otherwise sleep on its semaphore forever."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the main process died before the request took effect
+        os._exit(0)
+
+
 def _serve(conn, ready, done, fill: Fill, seq, state, lock) -> None:
     """The loader process: claim each job that is still queued, fill its slot, report back."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    _die_with_parent()
     import torch
 
     torch.set_num_threads(1)  # the main process computes; this one only reads and decodes
@@ -128,8 +151,8 @@ def _serve(conn, ready, done, fill: Fill, seq, state, lock) -> None:
         except BaseException as e:  # surfaces in the main process, with its cause
             err = e
         reply = (s, n, time.perf_counter() - t0, err)
+        done.value += 1  # announced first, so a main process blocked sending us work reads it and unblocks us
         try:
             conn.send(reply)
         except (pickle.PicklingError, TypeError, AttributeError):  # an exception that does not pickle
             conn.send((s, n, reply[2], RuntimeError(f"{type(err).__name__}: {err}")))
-        done.value += 1  # only this process writes it

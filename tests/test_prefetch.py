@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,3 +129,62 @@ def test_a_dead_loader_process_is_a_clear_error():
         pf.submit([(0, 2)])
     assert (0, 2) not in cache and not cache.pinned()
     pf.close()
+
+
+class FastStore(StampStore):
+    def read_into(self, key, out: torch.Tensor) -> int:
+        out[0], out[1] = key[0] % 256, key[1] % 256
+        return RECORD
+
+
+def test_a_burst_larger_than_the_pipe_buffers_does_not_deadlock():
+    """2,000 jobs in one submit: replies pile up while jobs are still being sent (both socket buffers would
+    fill and block both processes, were replies not drained before each send)."""
+    if not fork_available():
+        pytest.skip("needs fork")
+    import faulthandler
+
+    n = 2_000
+    cache, slots, pf = make(FastStore(0), n, "process")
+    faulthandler.dump_traceback_later(120, exit=True)  # a deadlock fails the run instead of hanging it
+    try:
+        pf.submit([(i // 256, i % 256) for i in range(n)])
+        pf.drain()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    assert pf.in_flight() == 0 and not cache.pinned()
+    slot = cache.slot((3, 7))
+    assert (int(slots.buf[slot, 0]), int(slots.buf[slot, 1])) == (3, 7)
+    pf.close()
+
+
+def test_the_loader_process_dies_with_its_parent(tmp_path):
+    """kill -9 of the main process leaves no loader process behind."""
+    if not fork_available():
+        pytest.skip("needs fork")
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "main.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_prefetch import make, FastStore\n"
+        "cache, slots, pf = make(FastStore(0), 4, 'process')\n"
+        "pf.submit([(0, 1)]); pf.drain()\n"
+        "print(pf._loader._proc.pid, flush=True)\n"
+        "time.sleep(60)\n")
+    main = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    loader = int(main.stdout.readline())
+    os.kill(main.pid, signal.SIGKILL)
+    main.wait()
+    for _ in range(100):
+        try:
+            os.kill(loader, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(loader, signal.SIGKILL)
+    pytest.fail("the loader process outlived its parent")
