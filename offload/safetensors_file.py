@@ -46,8 +46,8 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name][1]
 
-    def read(self, name: str, index: int | None = None) -> torch.Tensor:
-        """Tensor `name`, or its `index`-th slice along dim 0 (one expert of a fused tensor)."""
+    def _extent(self, name: str, index: int | None) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+        """(dtype, shape, begin, end) of tensor `name`, or of its `index`-th slice along dim 0."""
         dtype_name, shape, begin, end = self.tensors[name]
         dtype = DTYPES.get(dtype_name)
         if dtype is None:
@@ -55,14 +55,33 @@ class SafetensorsFile:
         if index is not None:
             row = (end - begin) // shape[0]
             begin, end, shape = begin + index * row, begin + (index + 1) * row, shape[1:]
-        buf = bytearray(end - begin)
+        return dtype, shape, begin, end
+
+    def _pread(self, dst, begin: int, name: str) -> None:
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            got = os.preadv(fd, [buf], self.data_start + begin)
+            got = os.preadv(fd, [dst], self.data_start + begin)
         finally:
             os.close(fd)
-        if got != len(buf):
+        if got != len(dst):
             raise OffloadError(f"{self.path} is truncated (tensor {name}); re-download or re-save the checkpoint")
-        if not buf:
+
+    def read(self, name: str, index: int | None = None) -> torch.Tensor:
+        """Tensor `name`, or its `index`-th slice along dim 0 (one expert of a fused tensor)."""
+        dtype, shape, begin, end = self._extent(name, index)
+        buf = bytearray(end - begin)
+        self._pread(buf, begin, name)
+        if not buf or not math.prod(shape):
             return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).view(shape) if math.prod(shape) else torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).view(shape)
+
+    def read_into(self, name: str, index: int | None, out: torch.Tensor) -> bool:
+        """pread tensor `name` (or its `index`-th slice) straight into `out`: no buffer to allocate, zero and
+        copy again. False (nothing read) when `out` is not a contiguous CPU tensor of the same dtype and size:
+        the caller then converts through `read`."""
+        dtype, shape, begin, end = self._extent(name, index)
+        if out.dtype != dtype or out.device.type != "cpu" or not out.is_contiguous() or out.numel() != math.prod(shape):
+            return False
+        if end > begin:
+            self._pread(memoryview(out.reshape(-1).view(torch.uint8).numpy()), begin, name)
+        return True

@@ -93,6 +93,23 @@ class CheckpointSource:
                                f"the checkpoint is incomplete")
         return self._handles[hit[0]].read(hit[1], expert if self.arch.fused else None)
 
+    def read_into(self, key: Key, views: dict[str, torch.Tensor]) -> None:
+        """Expert `key` straight into its record's `views` (one pread per tensor where the checkpoint already
+        holds the model dtype, else read and convert): what a RAM-tier miss costs, without the intermediate
+        tensors of `read` (on 22 MB experts those made RAM-tier misses ~2x slower than disk-store ones)."""
+        layer, e = key
+        for spec in self.layout.specs:
+            dst = views[spec.name]
+            if spec.name == "gate_up" and not self.arch.fused:
+                half = dst.shape[0] // 2
+                parts = (("gate", dst[:half]), ("up", dst[half:]))
+            else:
+                parts = ((spec.name, dst),)
+            for role, out in parts:
+                hit = self._where.get((layer, None if self.arch.fused else e, role))
+                if hit is None or not self._handles[hit[0]].read_into(hit[1], e if self.arch.fused else None, out):
+                    out.copy_(self._get(layer, e, role))
+
     def read(self, key: Key) -> dict[str, torch.Tensor]:
         """Expert `key` as record tensors (gate_up, down, biases) in the model dtype."""
         layer, e = key

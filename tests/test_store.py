@@ -233,3 +233,20 @@ def test_full_disk_while_converting_is_one_line_and_not_valid(tiny_dir, tmp_path
     assert not (tmp_path / "s" / INDEX).exists()
     with pytest.raises(OffloadError, match="cannot read expert store index"):
         DiskStore(tmp_path / "s")
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "qwen2_moe"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_ram_store_preads_into_the_record_exactly_as_read_and_pack(tiny_dir, arch, dtype):
+    """The RAM tier's direct pread (same dtype) and its convert fallback (other dtype) give the record that
+    `read` + `pack` gives, for split (gate/up) and fused checkpoints."""
+    src = source_of(tiny_dir(arch), arch, dtype)
+    store = RamStore(src)
+    for key in src.keys()[::5]:
+        want = torch.zeros(store.record_bytes, dtype=torch.uint8)
+        src.layout.pack(src.read(key), want)
+        got = torch.full((store.record_bytes + 7,), 0xAB, dtype=torch.uint8)  # a slot may be larger
+        assert store.read_into(key, got) == store.record_bytes
+        views = src.layout.views(got[: store.record_bytes])
+        for name, ref in src.layout.views(want).items():
+            assert torch.equal(views[name], ref), (key, name)
