@@ -49,7 +49,7 @@ class OffloadConfig:
     predictor: str | None = None        # expert predictor for prefetch (predictors.PREDICTORS); None = demand only
     lookahead: int = 1                  # how many MoE layers ahead the predictor looks
     prefetch_width: int | None = None   # experts prefetched per predicted layer (default: top_k)
-    prefetch_min_precision: float = 0.5  # pause prefetching while fewer predictions than this come true
+    prefetch_min_precision: float = 0.75  # pause prefetching while fewer predictions than this come true
     prefetch_worker: str = "auto"       # who loads prefetches: process (CPU, Linux), thread, or auto (process
                                         # where it can: a thread contends with compute for the GIL)
     context: int | None = None          # tokens of KV cache to plan for (default: min(model max, 4096))

@@ -17,12 +17,13 @@ from offload.stats import EngineStats
 
 
 PRECISION_EMA = 0.05  # weight of one decode step in the prefetch-precision average
+PAUSED_EVERY = 4      # while prefetch is paused, predictions (only scored) run on one token in this many
 
 
 class Engine:
     def __init__(self, store, cache: ExpertCache, slots: SlotPool, num_experts: int, top_k: int,
                  moe_layers: list[int], predictor=None, prefetch_width: int | None = None,
-                 codec=None, tracer=None, min_precision: float = 0.5, worker: str = "thread") -> None:
+                 codec=None, tracer=None, min_precision: float = 0.75, worker: str = "thread") -> None:
         self.store, self.cache, self.slots = store, cache, slots
         self.num_experts, self.top_k, self.moe_layers = num_experts, top_k, moe_layers
         self.stats = EngineStats()
@@ -135,13 +136,16 @@ class Engine:
         decode = top_k_index.shape[0] == 1
         if decode:
             self._score(layer, top_k_index)
+        paused = self.precision < self.min_precision
+        if paused and decode and self.stats.tokens % PAUSED_EVERY:
+            hidden = None  # paused: predict (to keep scoring) on every PAUSED_EVERY-th token only
         if hidden is not None:
             wanted = self.predictor.predict(layer, hidden)
             keys = [(tl, e) for tl, ids in wanted.items() for e in ids[: self.prefetch_width]]
             if decode:
                 for tl, ids in wanted.items():
                     self._predicted[tl] = set(ids[: self.prefetch_width])
-            if self.precision >= self.min_precision:
+            if not paused:
                 self.prefetcher.submit(keys, self._recent)
             else:
                 self.stats.prefetch_suppressed += len(keys)
