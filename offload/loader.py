@@ -74,23 +74,23 @@ class LoaderProcess:
     def completions(self, until: int | None = None) -> list[tuple[int, int, float, BaseException | None]]:
         """(seq, bytes, seconds, error) of finished jobs: those ready now, and with `until`, every one up to
         and including job `until` (blocking until it is done)."""
-        out, self._replies = self._replies, []
         try:
             self._read_replies()
-            out += self._replies
-            self._replies = []
-            while until is not None and all(c[0] != until for c in out):
-                out.append(self._conn.recv())
-                self._received += 1
+            while until is not None and all(c[0] != until for c in self._replies):
+                self._recv()
         except (EOFError, OSError):
             raise self._died() from None
+        out, self._replies = self._replies, []
         return out
 
     def _read_replies(self) -> None:
         """Read every reply the process has announced (it counts one before sending it)."""
         while self._done.value > self._received:
-            self._replies.append(self._conn.recv())
-            self._received += 1
+            self._recv()
+
+    def _recv(self) -> None:
+        self._replies.append(self._conn.recv())
+        self._received += 1
 
     def _died(self) -> OffloadError:
         self._proc.join(timeout=1)

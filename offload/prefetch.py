@@ -3,8 +3,8 @@
 `submit(keys)` starts loads in the background (skipping resident or in-flight keys); `fetch(key)` returns
 a ready slot, demand-loading on a miss. On CPU, loads run in a forked loader process writing into the
 shared slot pool (`offload.loader`: a thread would fight the main thread for the GIL at every torch op);
-on CUDA, and where fork is unavailable, on a worker thread (store reads and copies release the GIL). A demand for a key still queued
-behind other prefetches is stolen and loaded at once: demand always beats prefetch. On CUDA the worker
+on CUDA, and where fork is unavailable, on a worker thread (store reads and copies release the GIL). A
+demand for a key still queued behind other prefetches is stolen and loaded at once: demand always beats prefetch. On CUDA the worker
 stages records in pinned host buffers and copies them on a dedicated stream; compute waits only on the
 event of the expert it needs. In-flight keys stay pinned in the cache until the main thread reaps them,
 so a slot is never handed out twice.
@@ -170,9 +170,7 @@ class Prefetcher:
             except BaseException as e:
                 job.error = e
         elif self.worker == "process":
-            self._reap(until=job.seq)  # releases this job too, raising its error if it failed
-            self.stats.stall_seconds += time.perf_counter() - t0
-            return
+            self._reap(until=job.seq)  # releases this job (the `_release` below is then a no-op)
         else:
             job.done.wait()
             self._wait_event(job.event)
