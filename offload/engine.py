@@ -91,9 +91,10 @@ class Engine:
         compute. `observe` (predict + submit prefetches) runs once they are pinned, so a prefetch can never
         evict an expert this layer is about to use."""
         keys = [(layer, e) for e in experts]
-        self._step += 1
-        for k in keys:
-            self._last_use[k] = self._step
+        if self.predictor is not None:  # only prefetch asks what was used recently
+            self._step += 1
+            for k in keys:
+                self._last_use[k] = self._step
         pin_all = len(keys) <= self.cache.capacity - self.prefetcher.in_flight()
         if pin_all:
             for k in keys:
@@ -159,6 +160,13 @@ class Engine:
         if predicted:
             hit = len(predicted.intersection(top_k_index[0].tolist())) / len(predicted)
             self.precision += PRECISION_EMA * (hit - self.precision)
+
+    def reset_prediction(self) -> None:
+        """Forget what prediction learned (predictor state, precision, recent uses): the next run starts cold."""
+        if self.predictor is not None:
+            self.predictor.reset()
+        self.precision, self._predicted = 1.0, {}
+        self._step, self._last_use = 0, {}
 
     def close(self) -> None:
         self.prefetcher.close()

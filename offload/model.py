@@ -130,10 +130,7 @@ class OffloadedModel:
         for key in e.cache.keys():
             e.cache.remove(key)
         e.cache.policy = make_cache_policy(self.config.policy, e.cache.capacity, e.moe_layers, e.top_k)
-        if e.predictor is not None:
-            e.predictor.reset()
-            e.precision, e._predicted = 1.0, {}
-            e._last_use.clear()
+        e.reset_prediction()
         if e.tracer is not None:
             e.tracer.reset()
         self.reset_stats()
