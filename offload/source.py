@@ -86,12 +86,17 @@ class CheckpointSource:
         return [(layer, e) for layer in self.layers for e in range(self.num_experts)]
 
     # --- reading ----------------------------------------------------------------------------------
-    def _get(self, layer: int, expert: int, role: str) -> torch.Tensor:
+    def _tensor(self, layer: int, expert: int, role: str) -> tuple[SafetensorsFile, str, int | None]:
+        """(file, tensor name, slice index) of one expert's `role` tensor (sliced out of a fused tensor)."""
         hit = self._where.get((layer, None if self.arch.fused else expert, role))
         if hit is None:
             raise OffloadError(f"checkpoint {self.model_dir} lacks tensor {role} of expert {expert} in layer {layer}; "
                                f"the checkpoint is incomplete")
-        return self._handles[hit[0]].read(hit[1], expert if self.arch.fused else None)
+        return self._handles[hit[0]], hit[1], expert if self.arch.fused else None
+
+    def _get(self, layer: int, expert: int, role: str) -> torch.Tensor:
+        f, name, index = self._tensor(layer, expert, role)
+        return f.read(name, index)
 
     def read_into(self, key: Key, views: dict[str, torch.Tensor]) -> None:
         """Expert `key` straight into its record's `views` (one pread per tensor where the checkpoint already
@@ -106,9 +111,9 @@ class CheckpointSource:
             else:
                 parts = ((spec.name, dst),)
             for role, out in parts:
-                hit = self._where.get((layer, None if self.arch.fused else e, role))
-                if hit is None or not self._handles[hit[0]].read_into(hit[1], e if self.arch.fused else None, out):
-                    out.copy_(self._get(layer, e, role))
+                f, name, index = self._tensor(layer, e, role)
+                if not f.read_into(name, index, out):
+                    out.copy_(f.read(name, index))
 
     def read(self, key: Key) -> dict[str, torch.Tensor]:
         """Expert `key` as record tensors (gate_up, down, biases) in the model dtype."""
