@@ -20,7 +20,6 @@ every record read, so each miss is a read from the device instead of a memcpy ou
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -250,20 +249,13 @@ def predictors_command(
 
 
 # --- prefetch: real decode, disk tier, page cache dropped ----------------------------------------------
-def drop_page_cache(store) -> None:
-    """Evict the disk store's data file from the OS page cache (no root needed; fsync first, as dirty pages of a
-    freshly converted store would stay)."""
-    os.fsync(store._fd)
-    os.posix_fadvise(store._fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-
 def uncache_reads(store) -> None:
     """Make every record read of `store` leave nothing in the page cache, so each miss hits the device."""
-    read, fd = store.read_into, store._fd
+    read = store.read_into
 
     def read_into(key, buf):
         n = read(key, buf)
-        os.posix_fadvise(fd, *store.extent(key), os.POSIX_FADV_DONTNEED)
+        store.drop_cached(key)
         return n
 
     store.read_into = read_into
@@ -275,7 +267,7 @@ def _decode_run(model, ids, n: int, uncached: bool) -> dict:
 
     def timed(m):
         if uncached and model.engine.store.tier == "disk":
-            drop_page_cache(model.engine.store)
+            model.engine.store.drop_cached()
         return _timed(model, ids, m, cold=True)
 
     t1, s1 = timed(1)

@@ -437,7 +437,7 @@ def gemv_bandwidths(seconds: float = 0.2) -> dict:
     import torch.nn.functional as F
 
     N = K = 4096
-    ring = 256 << 20  # bytes cycled through: far beyond any last-level cache
+    ring = DRAM_RING
     x = torch.randn(1, K, dtype=torch.bfloat16)
     out = {"bf16": N * K * 2 / _ring_call([torch.empty(N, K, dtype=torch.bfloat16).fill_(0.01)
                                             for _ in range(ring // (N * K * 2))],
@@ -475,6 +475,7 @@ def store_read_seconds(store, keys, seconds: float = 0.2, slots: int = 4) -> flo
     return _per_call(read, seconds, min_calls=3)
 
 
+DRAM_RING = 256 << 20  # bytes of weights a GEMV microbenchmark cycles through: far beyond any last-level cache
 PROBE_PARAMS = 48e6  # largest probe (5 layers, all widths of the model) timed at the model's own width
 
 
@@ -600,7 +601,7 @@ def calibrate_local(config: dict, store=None, store_keys=None, seconds: float = 
                     (d / "model.safetensors").symlink_to(dirs[(LH, k)] / "model.safetensors")
                 dirs[(layers, kk)] = d
             gemv = {}
-            ring = (256 << 20) if real else (1 << 20)  # real width: from DRAM, as the prediction times them
+            ring = DRAM_RING if real else (1 << 20)  # real width: from DRAM, as the prediction times them
             for key, d in dirs.items():  # the probes' own GEMVs, taken out below
                 plan = gemv_plan(json.loads((d / "config.json").read_text()))
                 g = gemv_seconds(plan, ring, seconds / 10) if plan else {}
@@ -623,7 +624,7 @@ def calibrate_local(config: dict, store=None, store_keys=None, seconds: float = 
         load = max(0.0, (t_miss - t[(LH, k)]) / misses - probe_read) if misses else 0.0
         plan = gemv_plan(config)
         # weights come from DRAM: on a shared machine the last-level cache does not survive one token
-        gs = gemv_seconds(plan, 256 << 20, seconds / 2) if plan else None
+        gs = gemv_seconds(plan, DRAM_RING, seconds / 2) if plan else None
         stores = {}
         if store is not None:
             stores[getattr(store, "tier", "ram")] = store.record_bytes / store_read_seconds(

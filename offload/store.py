@@ -155,6 +155,14 @@ class DiskStore:
         return OffloadError(f"{what} in {self.dir / DATA} for expert {key} (bytes {offset}..{offset + length}): the "
                             f"store is corrupt; delete {self.dir} to rebuild it")
 
+    def drop_cached(self, key: Key | None = None) -> None:
+        """Evict record `key` (None: the whole data file) from the OS page cache, so its next read comes from
+        the device (benchmarks of the disk tier; no root needed). Dirty pages of a fresh store are synced first."""
+        offset, length = (0, 0) if key is None else self.extent(key)
+        if key is None:
+            os.fsync(self._fd)
+        os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_DONTNEED)
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
