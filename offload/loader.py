@@ -6,9 +6,13 @@ every ~2.5 ms in the background): decode went from 6.35 to 7.81 ms/token with a 
 and stayed at 5.65 with a forked process doing them. The process inherits the store (open descriptors,
 mmaps) and writes straight into the slot pool, which lives in shared memory (`SlotPool(shared=True)`).
 
+Jobs and completions travel through shared memory, never through a pipe: a job is a slot number in a
+ring plus that slot's key and sequence number; a completion is a slot number in a second ring plus its
+byte count and time. Pickling and a pipe round trip cost ~50 us per job on this VM, which is what a
+prefetched demo expert saves, so the hot path is a few shared-memory stores and one semaphore post (the
+semaphores are wake-up hints only: the rings are the truth). Only an exception travels through a pipe.
 Jobs are claimed under one shared lock: a job the main thread needs before the process reaches it is
-stolen (demand beats prefetch), and a sequence number per slot makes a stale message for a slot that was
-reused since harmless. Completions come back over a pipe; the main process reads them when it reaps.
+stolen (demand beats prefetch), and a sequence number per slot makes a stale ring entry harmless.
 """
 from __future__ import annotations
 
@@ -23,9 +27,16 @@ from collections.abc import Callable
 
 from offload.errors import OffloadError
 
-QUEUED, RUNNING, STOLEN = range(3)
+QUEUED, RUNNING, STOLEN, DONE, FAILED = range(5)
+POLL_SECONDS = 0.05  # how often a main process waiting on a job checks that the loader is still alive
+# Both processes spin on the rings for a while before sleeping on a semaphore. Waking a sleeping process
+# costs an inter-processor interrupt, on a VM a VM exit: 20-30 us per job measured here, about a tenth of
+# what a prefetched demo expert saves. Decode submits a job every layer (~1.5 ms on the demo), so the loader
+# spins through a generation and sleeps when it ends (OpenMP's workers do the same, for 200 ms).
+LOADER_SPIN_SECONDS = 0.005
+WAIT_SPIN_SECONDS = 0.002
 
-Fill = Callable[[object, int], int]  # (key, slot) -> bytes read from the store
+Fill = Callable[[tuple[int, int], int], int]  # (key, slot) -> bytes read from the store
 
 
 def fork_available() -> bool:
@@ -33,64 +44,110 @@ def fork_available() -> bool:
     return sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods()
 
 
+class _Shared:
+    """The memory both processes see. Per slot: its job's sequence number, state, key and result; a job
+    ring (main -> loader) and a completion ring (loader -> main), each with a head its writer advances."""
+
+    def __init__(self, ctx, capacity: int) -> None:
+        self.capacity = capacity
+        self.seq = ctx.RawArray("q", capacity)
+        self.state = ctx.RawArray("b", capacity)
+        self.key = ctx.RawArray("q", 2 * capacity)
+        self.nbytes = ctx.RawArray("q", capacity)
+        self.seconds = ctx.RawArray("d", capacity)
+        # A slot holds at most one live job, so at most `capacity` completions are unread; stale job
+        # entries (stolen jobs) can add more, and a full job ring makes `submit` refuse (never overwrite).
+        self.jobs = ctx.RawArray("i", 4 * capacity + 16)
+        self.jobs_head, self.jobs_tail = ctx.RawValue("q", 0), ctx.RawValue("q", 0)
+        self.done = ctx.RawArray("i", capacity + 1)
+        self.done_head = ctx.RawValue("q", 0)
+        self.stop = ctx.RawValue("b", 0)
+        self.lock = ctx.Lock()
+        self.work = ctx.Semaphore(0)      # posted per job: the loader sleeps on it when its ring is empty
+        self.finished = ctx.Semaphore(0)  # posted per completion: a main process waiting on a job sleeps on it
+
+
 class LoaderProcess:
     def __init__(self, fill: Fill, capacity: int) -> None:
         ctx = mp.get_context("fork")
-        self._seq = ctx.RawArray("q", capacity)   # per slot: the sequence number of its current job
-        self._state = ctx.RawArray("b", capacity)  # per slot: QUEUED / RUNNING / STOLEN
-        self._lock = ctx.Lock()
-        self._conn, child = ctx.Pipe()
-        self._ready = ctx.Semaphore(0)  # one per message sent: the process sleeps on this, not on the pipe
-        self._done = ctx.RawValue("q", 0)  # replies sent so far: checking it costs no system call
-        self._received = 0
-        self._replies: list = []  # read early (see submit), handed out by the next `completions`
+        self._sh = sh = _Shared(ctx, capacity)
+        self._errors, child = ctx.Pipe(duplex=False)  # loader -> main: (seq, exception), rare
+        self._done_tail = 0
+        self._failures: dict[int, BaseException] = {}  # errors read ahead of their completion
+        self._replies: list = []  # completions read while waiting for another job, handed out next
         self._next = 0
-        args = (child, self._ready, self._done, fill, self._seq, self._state, self._lock)
-        self._proc = ctx.Process(target=_serve, args=args, name="moe-offload-loader", daemon=True)
+        self._proc = ctx.Process(target=_serve, args=(sh, child, fill), name="moe-offload-loader", daemon=True)
         self._proc.start()
         child.close()
 
-    def submit(self, key, slot: int) -> int:
-        """Queue a load of `key` into `slot`; returns the job's sequence number."""
-        self._next += 1
-        with self._lock:
-            self._seq[slot], self._state[slot] = self._next, QUEUED
-        try:
-            self._read_replies()  # never both blocked writing to each other: we drain before we send
-            self._conn.send((self._next, slot, key))
-        except (EOFError, OSError):
-            raise self._died() from None
-        self._ready.release()
+    def submit(self, key: tuple[int, int], slot: int) -> int:
+        """Queue a load of `key` into `slot`; returns the job's sequence number (0: the job ring is full,
+        nothing was queued)."""
+        sh = self._sh
+        if not self._proc.is_alive():
+            raise self._died()
+        with sh.lock:
+            head = sh.jobs_head.value
+            if head - sh.jobs_tail.value >= len(sh.jobs):
+                return 0
+            self._next += 1
+            sh.seq[slot], sh.state[slot] = self._next, QUEUED
+            sh.key[2 * slot], sh.key[2 * slot + 1] = key
+            sh.jobs[head % len(sh.jobs)] = slot
+            sh.jobs_head.value = head + 1
+        sh.work.release()
         return self._next
 
     def steal(self, slot: int) -> bool:
         """Take back the job of `slot` if the process has not started it (the caller then loads it)."""
-        with self._lock:
-            if self._state[slot] == QUEUED:
-                self._state[slot] = STOLEN
+        sh = self._sh
+        with sh.lock:
+            if sh.state[slot] == QUEUED:
+                sh.state[slot] = STOLEN
                 return True
         return False
 
     def completions(self, until: int | None = None) -> list[tuple[int, int, float, BaseException | None]]:
         """(seq, bytes, seconds, error) of finished jobs: those ready now, and with `until`, every one up to
         and including job `until` (blocking until it is done)."""
-        try:
-            self._read_replies()
-            while until is not None and all(c[0] != until for c in self._replies):
-                self._recv()
-        except (EOFError, OSError):
-            raise self._died() from None
+        self._read_done()
+        spin_until = time.perf_counter() + WAIT_SPIN_SECONDS
+        while until is not None and all(c[0] != until for c in self._replies):
+            if time.perf_counter() < spin_until:
+                self._read_done()
+                continue
+            _drain(self._sh.finished)
+            self._read_done()
+            if any(c[0] == until for c in self._replies):
+                break
+            if not self._sh.finished.acquire(timeout=POLL_SECONDS):
+                while self._errors.poll():  # a loader blocked sending errors into a full pipe goes on
+                    s, error = self._errors.recv()
+                    self._failures[s] = error
+                if not self._proc.is_alive():
+                    self._read_done()  # it may have finished the job just before dying
+                    if all(c[0] != until for c in self._replies):
+                        raise self._died()
+            self._read_done()
         out, self._replies = self._replies, []
         return out
 
-    def _read_replies(self) -> None:
-        """Read every reply the process has announced (it counts one before sending it)."""
-        while self._done.value > self._received:
-            self._recv()
-
-    def _recv(self) -> None:
-        self._replies.append(self._conn.recv())
-        self._received += 1
+    def _read_done(self) -> None:
+        sh = self._sh
+        head = sh.done_head.value
+        if head == self._done_tail:
+            return
+        with sh.lock:  # the lock orders the loader's result stores before our reads
+            for i in range(self._done_tail, head):
+                slot = sh.done[i % len(sh.done)]
+                seq, error = sh.seq[slot], None
+                if sh.state[slot] == FAILED:
+                    while seq not in self._failures:  # sent before the completion was published
+                        s, e = self._errors.recv()
+                        self._failures[s] = e
+                    error = self._failures.pop(seq)
+                self._replies.append((seq, sh.nbytes[slot], sh.seconds[slot], error))
+        self._done_tail = head
 
     def _died(self) -> OffloadError:
         self._proc.join(timeout=1)
@@ -100,17 +157,20 @@ class LoaderProcess:
     def close(self) -> None:
         if self._proc is None:
             return
-        try:
-            self._conn.send(None)
-            self._ready.release()
-        except (OSError, ValueError):
-            pass
+        self._sh.stop.value = 1
+        self._sh.work.release()
         self._proc.join(timeout=10)
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join()
-        self._conn.close()
+        self._errors.close()
         self._proc = None
+
+
+def _drain(sem) -> None:
+    """Take every post of `sem`: before sleeping on it, so that only posts made from now on wake us."""
+    while sem.acquire(False):
+        pass
 
 
 def _die_with_parent() -> None:
@@ -124,35 +184,49 @@ def _die_with_parent() -> None:
         os._exit(0)
 
 
-def _serve(conn, ready, done, fill: Fill, seq, state, lock) -> None:
-    """The loader process: claim each job that is still queued, fill its slot, report back."""
+def _serve(sh: _Shared, errors, fill: Fill) -> None:
+    """The loader process: claim each job that is still queued, fill its slot, publish the result."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     _die_with_parent()
     import torch
 
     torch.set_num_threads(1)  # the main process computes; this one only reads and decodes
-    while True:
-        ready.acquire()  # a wake-up through a pipe read would pull this process onto the main one's CPU
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        s, slot, key = msg
-        with lock:
-            if seq[slot] != s or state[slot] != QUEUED:
-                continue  # stolen by the main process, or a stale message for a reused slot
-            state[slot] = RUNNING
+    tail, idle_since = 0, None
+    while not sh.stop.value:
+        if tail == sh.jobs_head.value:
+            now = time.perf_counter()
+            idle_since = idle_since or now
+            if now - idle_since > LOADER_SPIN_SECONDS:
+                _drain(sh.work)  # posts of jobs already taken must not wake us again
+                if tail == sh.jobs_head.value:
+                    sh.work.acquire()  # a wake-up through a pipe would pull this process onto the main one's CPU
+                idle_since = None
+            continue
+        idle_since = None
+        with sh.lock:
+            slot = sh.jobs[tail % len(sh.jobs)]
+            tail += 1
+            sh.jobs_tail.value = tail
+            if sh.state[slot] != QUEUED:
+                continue  # stolen by the main process, or a stale entry for a reused slot
+            sh.state[slot] = RUNNING
+            key = (sh.key[2 * slot], sh.key[2 * slot + 1])
+            seq = sh.seq[slot]
         t0 = time.perf_counter()
         n, err = 0, None
         try:
             n = fill(key, slot)
         except BaseException as e:  # surfaces in the main process, with its cause
             err = e
-        reply = (s, n, time.perf_counter() - t0, err)
-        done.value += 1  # announced first, so a main process blocked sending us work reads it and unblocks us
-        try:
-            conn.send(reply)
-        except (pickle.PicklingError, TypeError, AttributeError):  # an exception that does not pickle
-            conn.send((s, n, reply[2], RuntimeError(f"{type(err).__name__}: {err}")))
+        if err is not None:
+            try:
+                errors.send((seq, err))
+            except (pickle.PicklingError, TypeError, AttributeError):  # an exception that does not pickle
+                errors.send((seq, RuntimeError(f"{type(err).__name__}: {err}")))
+        with sh.lock:
+            sh.nbytes[slot], sh.seconds[slot] = n, time.perf_counter() - t0
+            sh.state[slot] = DONE if err is None else FAILED
+            head = sh.done_head.value
+            sh.done[head % len(sh.done)] = slot
+            sh.done_head.value = head + 1
+        sh.finished.release()

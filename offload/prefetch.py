@@ -118,11 +118,11 @@ class Prefetcher:
                 try:
                     job.seq = self._loader.submit(key, slot)
                 except OffloadError:  # the loader died: undo this job, then say so
-                    del self._jobs[key]
-                    self._prefetched.discard(key)
-                    self.cache.unpin(key)
-                    self.cache.remove(key)
+                    self._undo(job)
                     raise
+                if not job.seq:  # its job ring is full: drop this prefetch
+                    self._undo(job)
+                    continue
                 self._by_seq[job.seq] = job
             else:
                 self._ensure_worker()
@@ -176,6 +176,15 @@ class Prefetcher:
             self._wait_event(job.event)
         self.stats.stall_seconds += time.perf_counter() - t0
         self._release(job)
+
+    def _undo(self, job: _Job) -> None:
+        """Forget a job the worker never got."""
+        del self._jobs[job.key]
+        self._prefetched.discard(job.key)
+        self.stats.prefetch_issued -= 1
+        self.stats.prefetch_dropped += 1
+        self.cache.unpin(job.key)
+        self.cache.remove(job.key)
 
     def _release(self, job: _Job) -> None:
         if self._jobs.get(job.key) is job:
