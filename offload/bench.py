@@ -359,7 +359,7 @@ def run(
     capacity: Optional[list[str]] = typer.Option(None, help="cache sizes: fractions or slot counts [default: 0.25,0.5]"),
     policy: Optional[list[str]] = typer.Option(None, help="eviction policies [default: lru]"),
     predictor: Optional[list[str]] = typer.Option(None, help="predictors: none, gate, previous, ... [default: none]"),
-    lookahead: int = typer.Option(1, min=1, max=8),
+    lookahead: int = typer.Option(1, min=0, max=8, help="MoE layers the predictor looks ahead (0: from the layer's own entry)"),
     store: str = typer.Option("ram", help="ram or disk"),
     store_dir: Optional[Path] = typer.Option(None, help="disk store directory (store=disk)"),
     max_new_tokens: int = typer.Option(16, min=1),

@@ -48,8 +48,8 @@ def _ints(values: Optional[list[str]], default: str) -> list[int]:
         got = [int(v) for v in raw]
     except ValueError:
         raise ValueError(f"cannot read {raw} as whole numbers") from None
-    if any(not 1 <= d <= 8 for d in got):
-        raise ValueError(f"lookahead must be between 1 and 8, got {got}")
+    if any(not 0 <= d <= 8 for d in got):
+        raise ValueError(f"lookahead must be between 0 and 8, got {got}")
     return list(dict.fromkeys(got))
 
 
@@ -79,9 +79,19 @@ class ScoringPredictor:
         self.calls = dict.fromkeys(entries, 0)
         self._pending: dict[int, list] = {}
 
+    def enter(self, layer: int, hidden):
+        """Lookahead-0 entries predict here, at the layer's entry (see `predictors.base`)."""
+        self._ask(layer, hidden, entry=True)
+
     def predict(self, layer: int, hidden):
+        self._ask(layer, hidden, entry=False)
+        return {}
+
+    def _ask(self, layer: int, hidden, entry: bool) -> None:
         T = int(hidden.reshape(-1, hidden.shape[-1]).shape[0])
         for name, p in self.entries.items():
+            if getattr(p, "entry", False) != entry:
+                continue
             t0 = time.perf_counter()
             wanted = p.predict(layer, hidden)
             self.seconds[name] += time.perf_counter() - t0
@@ -89,7 +99,6 @@ class ScoringPredictor:
             for t in p.targets(layer):
                 d = self.position[t] - self.position[layer]
                 self._pending.setdefault(t, []).append((name, T == 1, d, wanted.get(t, [])))
-        return {}
 
     def observe(self, layer: int, experts) -> None:
         actual = experts.reshape(-1).tolist()
@@ -126,6 +135,7 @@ def score_predictors(model_dir: Path, texts: list[str], max_new_tokens: int, loo
     import torch
 
     from offload.bench import _prompt_ids, _total_experts
+    from offload.layer_entry import hook_layer_entries
     from offload.model import OffloadedModel
     from predictors import OraclePredictor, find_routers, make_predictor
 
@@ -144,6 +154,8 @@ def score_predictors(model_dir: Path, texts: list[str], max_new_tokens: int, loo
                    for n in online for d in lookaheads}
         gen = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
         scorer = None
+        enter = lambda layer, h: scorer.enter(layer, h) if scorer and e.predictor is scorer else None  # noqa: E731
+        hooks = hook_layer_entries(model.model, layers, enter)
         tokens = decode_steps = 0
         for i, text in enumerate(texts):
             ids = _prompt_ids(model, text, prompt_tokens, seed=i)
@@ -170,6 +182,8 @@ def score_predictors(model_dir: Path, texts: list[str], max_new_tokens: int, loo
             decode_steps += second.shape[1] - ids.shape[1] - 1
         e.predictor = None
         res = scorer.results()
+        for h in hooks:
+            h.remove()
     finally:
         model.close()
     rows: dict = {}
@@ -200,8 +214,9 @@ def _print_predictors(r: dict) -> None:
         cells.append(f"{statistics.mean(by_d[d]['predict_us_per_call'] for d in ls):.0f}")
         t.add_row(n, *cells)
     out.print(t)
-    layers = r["moe_layers"][1:]
-    t = Table(title=f"decode recall@{r['width']} per target layer (predictions made at layers t-d..t-1)")
+    layers = r["moe_layers"] if 0 in ls else r["moe_layers"][1:]  # only d=0 predicts the first MoE layer
+    t = Table(title=f"decode recall@{r['width']} per target layer (predictions made at layers t-d..t-1; d=0: at "
+                    "layer t's entry, before attention)")
     t.add_column("predictor")
     for layer in layers:
         t.add_column(f"layer {layer}", justify="right")

@@ -75,7 +75,7 @@ def chat(
     bits: Optional[str] = typer.Option(None, help="expert format: 16, 8, 4, 3, 2, ternary, int4-g64, ternary-z90, ..."),
     policy: str = typer.Option("lru", help="cache eviction policy"),
     predictor: Optional[str] = typer.Option(None, help="expert predictor for prefetch: gate, previous, ..."),
-    lookahead: int = typer.Option(1, help="MoE layers the predictor looks ahead"),
+    lookahead: int = typer.Option(1, help="MoE layers the predictor looks ahead (0: from the layer's own entry, before attention)"),
     context: Optional[int] = typer.Option(None, help="context length to plan the KV cache for"),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for torch [default: half the cores]"),
 ) -> None:

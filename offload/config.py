@@ -47,7 +47,7 @@ class OffloadConfig:
     cache_memory: int | str | None = None  # or a byte budget for the slots: 2GiB, 512MB...
     policy: str = "lru"                 # eviction policy (cache.POLICIES)
     predictor: str | None = None        # expert predictor for prefetch (predictors.PREDICTORS); None = demand only
-    lookahead: int = 1                  # how many MoE layers ahead the predictor looks
+    lookahead: int = 1                  # MoE layers the predictor looks ahead (0: from the layer's own entry)
     prefetch_width: int | None = None   # experts prefetched per predicted layer (default: top_k)
     prefetch_min_precision: float = 0.75  # pause prefetching while fewer predictions than this come true
     prefetch_worker: str = "auto"       # who loads prefetches: process (CPU, Linux), thread, or auto (process
@@ -83,8 +83,8 @@ class OffloadConfig:
                                    f"store_dir=PATH (converted once, reused afterwards)")
         if self.context is not None and self.context < 1:
             raise OffloadError(f"context must be a positive number of tokens, got {self.context}")
-        if not 1 <= self.lookahead <= 8:
-            raise OffloadError(f"lookahead must be between 1 and 8, got {self.lookahead}")
+        if not 0 <= self.lookahead <= 8:
+            raise OffloadError(f"lookahead must be between 0 and 8, got {self.lookahead}")
         if not 0.0 <= self.prefetch_min_precision <= 1.0:
             raise OffloadError(f"prefetch_min_precision must be in [0, 1], got {self.prefetch_min_precision}")
         if self.prefetch_worker not in ("auto", "process", "thread"):

@@ -25,6 +25,7 @@ from offload.convert import codec_for, open_store
 from offload.engine import Engine
 from offload.errors import OffloadError
 from offload.experts import offloaded_class
+from offload.layer_entry import hook_layer_entries
 from offload.plan import MemoryPlan, make_plan
 from offload.slots import SlotPool
 from offload.source import CheckpointSource, open_checkpoint
@@ -79,6 +80,8 @@ class OffloadedModel:
                         predictor=_predictor(cfg, model, moe_layers, num_experts, top_k),
                         prefetch_width=cfg.prefetch_width, codec=codec, tracer=tracer,
                         min_precision=cfg.prefetch_min_precision, worker=worker)
+        if engine.entry:
+            hook_layer_entries(model, moe_layers, engine.enter)
         for module in model.modules():
             if getattr(module, "layer_idx", None) is not None and hasattr(module, "engine"):
                 module.engine = engine

@@ -10,6 +10,10 @@ MoE layers will want, so that their bytes can be fetched while this layer comput
 Layers are the model's own layer indices. MoE layers can be a subset (DeepSeek's first dense layers,
 Qwen2-MoE's `mlp_only_layers`, Llama-4's `moe_layers`); "the next d layers" always means the next d
 *MoE* layers. This package imports torch and never `offload` or `cache`.
+
+Lookahead 0 (`entry` is True) moves the question earlier in the same layer: predict is asked at the entry
+of the decoder layer holding MoE layer `layer`, with the residual stream entering it (hidden [B, T, H],
+before attention), and its one target is `layer` itself. The attention block's compute is the lead time.
 """
 from __future__ import annotations
 
@@ -76,8 +80,8 @@ class BasePredictor:
             raise ValueError("moe_layers is empty")
         if num_experts < 1 or not 1 <= top_k <= num_experts:
             raise ValueError(f"need 1 <= top_k <= num_experts, got top_k={top_k}, num_experts={num_experts}")
-        if lookahead < 1:
-            raise ValueError(f"lookahead must be >= 1, got {lookahead}")
+        if lookahead < 0:
+            raise ValueError(f"lookahead must be >= 0, got {lookahead}")
         if width is not None and not top_k <= width <= num_experts:
             raise ValueError(f"width must be in [top_k, num_experts] = [{top_k}, {num_experts}], got {width}")
         self.moe_layers = layers
@@ -87,12 +91,20 @@ class BasePredictor:
         self.width = int(width) if width is not None else int(top_k)
         self._targets = {layer: self._next_layers(layer) for layer in layers}
 
+    @property
+    def entry(self) -> bool:
+        """Asked at the layer's entry (lookahead 0), not at its MoE input."""
+        return self.lookahead == 0
+
     def _next_layers(self, layer: int) -> list[int]:
+        if self.lookahead == 0:
+            return [layer] if layer in self.moe_layers else []
         i = bisect.bisect_right(self.moe_layers, layer)
         return self.moe_layers[i: i + self.lookahead]
 
     def targets(self, layer: int) -> list[int]:
-        """The next `lookahead` MoE layers after `layer` (fewer near the end of the model)."""
+        """The next `lookahead` MoE layers after `layer` (fewer near the end of the model); `layer` itself
+        with lookahead 0."""
         t = self._targets.get(layer)
         return list(t) if t is not None else self._next_layers(layer)
 

@@ -23,20 +23,20 @@ def app():
 
 def test_predictors_json(app, tiny_dir, tmp_path):
     js = tmp_path / "pred.json"
-    r = runner.invoke(app, ["predictors", str(tiny_dir("mixtral")), "--max-new-tokens", "4", "--lookahead", "1,2",
+    r = runner.invoke(app, ["predictors", str(tiny_dir("mixtral")), "--max-new-tokens", "4", "--lookahead", "0,1,2",
                             "--prompt", "w1 w2 w3 w4", "--prompt", "w5 w6 w7", "--json", str(js)])
     assert r.exit_code == 0, r.output
     res = json.loads(js.read_text())
     assert res["decode_steps"] == 2 * 3 and res["width"] == res["top_k"] == 2
     assert set(res["rows"]) == {"gate", "previous", "frequency", "oracle"}
     for name, by_d in res["rows"].items():
-        assert set(by_d) == {"1", "2"}, name
+        assert set(by_d) == {"0", "1", "2"}, name
         for d, x in by_d.items():
             dec = x["decode"]
             assert dec["updates"] > 0
             recalls = [dec["recall"], x["prefill"]["recall"], *dec["per_layer"].values(), *dec["per_distance"].values()]
             assert all(0.0 <= v <= 1.0 for v in recalls), (name, d, recalls)
-            assert set(dec["per_distance"]) == {str(i) for i in range(1, int(d) + 1)}
+            assert set(dec["per_distance"]) == ({"0"} if d == "0" else {str(i) for i in range(1, int(d) + 1)})
     for x in res["rows"]["oracle"].values():
         assert x["decode"]["recall"] == 1.0 and x["prefill"]["recall"] == 1.0
         assert all(v == 1.0 for v in x["decode"]["per_layer"].values())
@@ -44,7 +44,7 @@ def test_predictors_json(app, tiny_dir, tmp_path):
 
 
 def test_predictors_bad_input_is_one_line(app, tiny_dir):
-    r = runner.invoke(app, ["predictors", str(tiny_dir("mixtral")), "--lookahead", "0"])
+    r = runner.invoke(app, ["predictors", str(tiny_dir("mixtral")), "--lookahead", "9"])
     assert r.exit_code == 2 and "Traceback" not in r.output
     r = runner.invoke(app, ["predictors", str(tiny_dir("mixtral")), "--predictor", "nope"])
     assert r.exit_code == 2 and "unknown predictor" in r.output
@@ -53,24 +53,24 @@ def test_predictors_bad_input_is_one_line(app, tiny_dir):
 def test_prefetch_smoke(app, tiny_dir, tmp_path):
     js = tmp_path / "pf.json"
     r = runner.invoke(app, ["prefetch", str(tiny_dir("mixtral")), "--store-dir", str(tmp_path / "s"), "--capacity",
-                            "0.25", "--predictor", "none,gate", "--lookahead", "1,2", "--max-new-tokens", "2",
+                            "0.25", "--predictor", "none,gate", "--lookahead", "0,1", "--max-new-tokens", "2",
                             "--repeats", "1", "--json", str(js)])
     assert r.exit_code == 0, r.output
     rows = json.loads(js.read_text())["rows"]
-    assert [x["config"] for x in rows] == ["all resident", "0.25 (6) none", "0.25 (6) gate d=1", "0.25 (6) gate d=2"]
+    assert [x["config"] for x in rows] == ["all resident", "0.25 (6) none", "0.25 (6) gate d=0", "0.25 (6) gate d=1"]
     assert rows[1]["vs_no_prefetch"] == 1.0 and all(x["tok_s"] > 0 for x in rows)
 
 
 @pytest.mark.parametrize("predictor", ["gate", "previous", "frequency"])
 def test_prefetch_is_lossless_on_the_disk_tier(predictor, tiny_dir, tmp_path):
-    """Every predictor, lookahead 1 and 2, a cache of 8 of 24 experts, disk store: same tokens as no prefetch."""
+    """Every predictor, lookahead 0, 1 and 2, a cache of 8 of 24 experts, disk store: same tokens as no prefetch."""
     path = tiny_dir("qwen3_moe")
     ids = torch.randint(3, 90, (1, 8), generator=torch.Generator().manual_seed(11))
     kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
     opts = dict(store="disk", store_dir=tmp_path / "s", cache_experts=8)
     with OffloadedModel.from_pretrained(path, **opts) as base:
         want = base.generate(ids, **kw)
-    for d in (1, 2):
+    for d in (0, 1, 2):
         with OffloadedModel.from_pretrained(path, predictor=predictor, lookahead=d, **opts) as m:
             assert torch.equal(m.generate(ids, **kw), want), f"{predictor} lookahead {d}"
             s = m.stats()

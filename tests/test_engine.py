@@ -50,6 +50,21 @@ def test_greedy_identical_at_min_quarter_and_full_capacity(arch, tiny_dir, tmp_p
             m.close()
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layer_entry_prediction_is_lossless_and_prefetches(arch, tiny_dir):
+    """Gate lookahead 0 (each layer's router on the residual stream entering it) in every architecture: the
+    layer-entry hooks find the stream, prefetches are issued, and the tokens stay transformers' own."""
+    path = tiny_dir(arch)
+    ids = prompt()
+    want = greedy(reference(path), ids)
+    probe = OffloadedModel.from_pretrained(path)
+    total = probe.stats()["total_experts"]
+    probe.close()
+    with OffloadedModel.from_pretrained(path, cache_experts=total // 4, predictor="gate", lookahead=0) as m:
+        assert torch.equal(greedy(m, ids), want), f"{arch}: tokens differ from transformers with gate d=0"
+        assert m.stats()["prefetch_issued"] > 0
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "llama4_text"])
 def test_sampling_identical_with_fixed_seed(arch, tiny_dir):
     path = tiny_dir(arch)

@@ -54,7 +54,8 @@ def test_capacity_below_top_k_names_minimum(tiny_dir):
     (dict(cache_memory="lots"), "cannot read 'lots' as a size"),
     (dict(cache_experts=4, cache_memory="1GiB"), "not both"),
     (dict(policy="random"), "unknown policy"),
-    (dict(lookahead=0), "lookahead"),
+    (dict(lookahead=-1), "lookahead"),
+    (dict(lookahead=9), "lookahead"),
     (dict(colour="blue"), "unknown option"),
 ])
 def test_invalid_options(options, message):

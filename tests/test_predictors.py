@@ -168,7 +168,20 @@ def test_gate_skips_dense_layers_and_validates():
     with pytest.raises(ValueError, match="width"):
         GatePredictor(routers, [0, 2, 3], 8, 2, width=1)
     with pytest.raises(ValueError, match="lookahead"):
-        GatePredictor(routers, [0, 2, 3], 8, 2, lookahead=0)
+        GatePredictor(routers, [0, 2, 3], 8, 2, lookahead=-1)
+
+
+def test_lookahead_zero_predicts_the_layer_itself_with_its_own_router():
+    model = tiny_model("qwen2_moe", num_hidden_layers=4, mlp_only_layers=[1])
+    routers = find_routers(model)
+    h = torch.randn(1, 1, model.config.hidden_size)  # the residual stream entering a layer: [B, T, H]
+    gp = GatePredictor(routers, [0, 2, 3], 8, 2, lookahead=0)
+    assert gp.entry and gp.targets(2) == [2] and gp.targets(1) == []
+    assert gp.predict(1, h) == {}
+    for layer in (0, 2, 3):
+        want = routers[layer].forward(h.reshape(1, -1))[2][0].tolist()
+        assert gp.predict(layer, h) == {layer: want}
+    assert not GatePredictor(routers, [0, 2, 3], 8, 2, lookahead=1).entry
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "gpt_oss", "llama4_text"])
