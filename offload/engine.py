@@ -16,7 +16,7 @@ from offload.slots import SlotPool
 from offload.stats import EngineStats
 
 
-PRECISION_EMA = 0.05  # weight of one decode step in the prefetch-precision average
+PRECISION_EMA = 0.05  # weight of one layer's score in the prefetch-precision average, times the MoE layers
 PAUSED_EVERY = 4      # while prefetch is paused, predictions (only scored) run on one token in this many
 
 
@@ -177,13 +177,14 @@ class Engine:
         """Track how often predictions for `layer` come true (EMA over decode steps). A wrong prefetch evicts
         an expert that may be needed, so below `min_precision` prefetching into that layer pauses; predictions
         keep being scored, and prefetching resumes as soon as they are right often enough again. Per layer,
-        because a predictor's accuracy is: the demo's gate d=0 is right 44% of the time at layer 0 and 86% at
+        because a predictor's accuracy is: the demo's gate d=0 is right 42% of the time at layer 0 and 86% at
         layer 1, and one average would pause both or run both."""
         predicted = self._predicted.pop(layer, None)
         if predicted:
             hit = len(predicted.intersection(top_k_index[0].tolist())) / len(predicted)
             p = self._precision.get(layer, 1.0)
-            self._precision[layer] = p + PRECISION_EMA * (hit - p)
+            rate = min(1.0, PRECISION_EMA * len(self.moe_layers))  # one score per token per layer: a layer
+            self._precision[layer] = p + rate * (hit - p)           # forgets as fast as one shared average did
 
     def reset_prediction(self) -> None:
         """Forget what prediction learned (predictor state, precision, recent uses): the next run starts cold."""

@@ -12,7 +12,7 @@ sparsemixer and Llama-4's dense sigmoid scores are all exactly the model's. Two 
 
 With lookahead 0 the router of layer l runs on the residual stream entering decoder layer l, before its
 attention: on the demo model that lifts decode recall@2 from 0.48/0.66/0.80 (layers 1-3, from layer l-1's
-MoE input) to 0.87/0.68/0.82, and layer 0, which no earlier layer can predict, gets 0.44.
+MoE input) to 0.86/0.66/0.82, and layer 0, which no earlier layer can predict, gets 0.42.
 
 The router's `forward` is called directly (not `router(...)`), so forward hooks on it, such as transformers'
 `output_router_logits` recorder or a routing tracer, do not fire for predictions.
