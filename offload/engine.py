@@ -35,6 +35,10 @@ class Engine:
         self.codec = codec  # quantized records (None: dense weights in the slot)
         self.min_precision = min_precision
         self._precision: dict[int, float] = {}  # target layer -> EMA of prefetch precision (absent: 1.0)
+        # A layer is scored once per token, so its average moves PRECISION_EMA x the MoE layers per score:
+        # it forgets as fast per token as one shared average did.
+        self._precision_rate = min(1.0, PRECISION_EMA * len(moe_layers))
+        self._targets = getattr(predictor, "targets", None)  # target layers of a prediction at a layer
         self._predicted: dict[int, set[int]] = {}  # target layer -> experts predicted for it this step
         # A prefetch may only displace experts not used during the last pass over the layers (one decode
         # token). A guess is right ~60-80% of the time, and a recently used expert is reused often enough
@@ -158,7 +162,7 @@ class Engine:
 
     @torch.no_grad()
     def _predict(self, layer: int, hidden: torch.Tensor, decode: bool) -> None:
-        targets = self.predictor.targets(layer) if hasattr(self.predictor, "targets") else []
+        targets = self._targets(layer) if self._targets is not None else []
         if decode and targets and all(map(self._paused, targets)) and self.stats.tokens % PAUSED_EVERY:
             return  # every target paused: predict (to keep scoring) on every PAUSED_EVERY-th token only
         wanted = self.predictor.predict(layer, hidden)
@@ -183,8 +187,7 @@ class Engine:
         if predicted:
             hit = len(predicted.intersection(top_k_index[0].tolist())) / len(predicted)
             p = self._precision.get(layer, 1.0)
-            rate = min(1.0, PRECISION_EMA * len(self.moe_layers))  # one score per token per layer: a layer
-            self._precision[layer] = p + rate * (hit - p)           # forgets as fast as one shared average did
+            self._precision[layer] = p + self._precision_rate * (hit - p)
 
     def reset_prediction(self) -> None:
         """Forget what prediction learned (predictor state, precision, recent uses): the next run starts cold."""

@@ -112,25 +112,32 @@ class LoaderProcess:
         and including job `until` (blocking until it is done)."""
         self._read_done()
         spin_until = time.perf_counter() + WAIT_SPIN_SECONDS
-        while until is not None and all(c[0] != until for c in self._replies):
-            if time.perf_counter() < spin_until:
-                self._read_done()
-                continue
-            _drain(self._sh.finished)
-            self._read_done()
-            if any(c[0] == until for c in self._replies):
-                break
-            if not self._sh.finished.acquire(timeout=POLL_SECONDS):
-                while self._errors.poll():  # a loader blocked sending errors into a full pipe goes on
-                    s, error = self._errors.recv()
-                    self._failures[s] = error
-                if not self._proc.is_alive():
-                    self._read_done()  # it may have finished the job just before dying
-                    if all(c[0] != until for c in self._replies):
-                        raise self._died()
+        while until is not None and not self._has(until):
+            if time.perf_counter() >= spin_until:
+                self._sleep(until)
             self._read_done()
         out, self._replies = self._replies, []
         return out
+
+    def _has(self, seq: int) -> bool:
+        return any(c[0] == seq for c in self._replies)
+
+    def _sleep(self, until: int) -> None:
+        """Wait on the completion semaphore (after spinning); raise if the loader died without job `until`."""
+        _drain(self._sh.finished)
+        self._read_done()
+        if self._has(until) or self._sh.finished.acquire(timeout=POLL_SECONDS):
+            return
+        while self._errors.poll():  # a loader blocked sending errors into a full pipe goes on
+            self._recv_failure()
+        if not self._proc.is_alive():
+            self._read_done()  # it may have finished the job just before dying
+            if not self._has(until):
+                raise self._died()
+
+    def _recv_failure(self) -> None:
+        seq, error = self._errors.recv()
+        self._failures[seq] = error
 
     def _read_done(self) -> None:
         sh = self._sh
@@ -143,8 +150,7 @@ class LoaderProcess:
                 seq, error = sh.seq[slot], None
                 if sh.state[slot] == FAILED:
                     while seq not in self._failures:  # sent before the completion was published
-                        s, e = self._errors.recv()
-                        self._failures[s] = e
+                        self._recv_failure()
                     error = self._failures.pop(seq)
                 self._replies.append((seq, sh.nbytes[slot], sh.seconds[slot], error))
         self._done_tail = head

@@ -109,7 +109,6 @@ class Prefetcher:
             self.cache.pin(key)
             job = self._jobs[key] = _Job(key, slot)
             self._prefetched.add(key)
-            self.stats.prefetch_issued += 1
             if self.worker == "process":
                 if self._loader is None:
                     from offload.loader import LoaderProcess
@@ -127,6 +126,7 @@ class Prefetcher:
             else:
                 self._ensure_worker()
                 self._queue.put(job)
+            self.stats.prefetch_issued += 1
 
     def drain(self) -> None:
         """Wait for every in-flight prefetch (used before reading stats or shutting down)."""
@@ -178,10 +178,9 @@ class Prefetcher:
         self._release(job)
 
     def _undo(self, job: _Job) -> None:
-        """Forget a job the worker never got."""
+        """Forget a job the worker never got (counted as dropped, not issued)."""
         del self._jobs[job.key]
         self._prefetched.discard(job.key)
-        self.stats.prefetch_issued -= 1
         self.stats.prefetch_dropped += 1
         self.cache.unpin(job.key)
         self.cache.remove(job.key)

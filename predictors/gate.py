@@ -119,7 +119,8 @@ class GatePredictor(BasePredictor):
         """predict() for one token (decode), with a few tensor ops per target instead of a dozen: the same
         ranking (selected experts by logit, then the rest by logit), finished in Python."""
         E = self.num_experts
-        if self.width <= self.top_k:  # the router's own top-k is the answer: no ranking of the rest needed
+        if self.width <= self.top_k:  # the router's selection is the answer, in the router's own order
+            # (by routing score, which differs from logit order only where a bias steers selection)
             routed = [self.route(t, hidden)[0].reshape(-1) for t in targets]
             rows = torch.stack(routed).tolist() if len(routed) > 1 else [routed[0].tolist()]
             return {t: list(dict.fromkeys(e for e in row if 0 <= e < E)) for t, row in zip(targets, rows)}
