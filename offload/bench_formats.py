@@ -380,7 +380,7 @@ def load_ms(store_dir: Path, codec) -> dict:
 
     from offload.store import DiskStore
 
-    store = DiskStore(store_dir)
+    store = DiskStore(store_dir, direct=False)  # warm page cache: what decoding costs, not the disk
     buf = torch.zeros(store.record_bytes, dtype=torch.uint8)
     slot = torch.zeros(codec.slot_bytes, dtype=torch.uint8)
     read, transform = [], []

@@ -55,6 +55,8 @@ class OffloadConfig:
     context: int | None = None          # tokens of KV cache to plan for (default: min(model max, 4096))
     trace: bool = False                 # record routing (experts and weights per token and layer)
     verify: bool = True                 # check each record's checksum when it is read from the disk store
+    direct_io: bool = True              # read the disk store with O_DIRECT, bypassing the page cache (buffered
+                                        # reads where the filesystem has no direct I/O)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))

@@ -2,7 +2,8 @@
 
 Memory stays at one record plus fixed overhead whatever the model size. Records are written back to
 back, each only as long as its kind's layout or its compressed form (lz4 or lzma, per record, where it
-pays), so the files' size is the store's real size. The data file grows as `experts.bin.partial`;
+pays); records of ALIGN_MIN bytes or more start on an ALIGN boundary (zero padding before them), so direct
+I/O reads them straight into a slot. The data file grows as `experts.bin.partial`;
 `journal.json` (rewritten atomically) lists the final records with their offsets, lengths, codecs and
 checksums. Kill it anywhere and rerun: it truncates to the end of the last journaled record and goes on,
 and the finished store is byte-identical to an uninterrupted run. `index.json`, written last and
@@ -24,7 +25,7 @@ import torch
 from offload.errors import OffloadError
 from offload.source import CheckpointSource
 from offload.codec import RecordCodec, format_rule
-from offload.store import DATA, INDEX, LZMA_FILTERS, STORE_VERSION, DiskStore, RamStore, checksum
+from offload.store import ALIGN, ALIGN_MIN, DATA, INDEX, LZMA_FILTERS, STORE_VERSION, DiskStore, RamStore, checksum
 
 JOURNAL = "journal.json"
 PARTIAL = DATA + ".partial"
@@ -69,7 +70,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def open_or_convert(source: CheckpointSource, store_dir: Path, settings: dict, codec: RecordCodec | None = None,
-                    progress: bool = True, verify: bool = True) -> DiskStore:
+                    progress: bool = True, verify: bool = True, direct: bool = True) -> DiskStore:
     """Reuse the store in `store_dir` if it was made from this checkpoint with these settings, else build it."""
     store_dir = Path(store_dir)
     fingerprint = source.fingerprint()
@@ -81,9 +82,9 @@ def open_or_convert(source: CheckpointSource, store_dir: Path, settings: dict, c
         if index.get("settings") != settings:
             raise OffloadError(f"store {store_dir} was made with settings {index.get('settings')}, not {settings}; "
                                f"use another store_dir or delete {store_dir} to rebuild it")
-        return DiskStore(store_dir, verify=verify)
+        return DiskStore(store_dir, verify=verify, direct=direct)
     convert(source, store_dir, settings, codec, progress)
-    return DiskStore(store_dir, verify=verify)
+    return DiskStore(store_dir, verify=verify, direct=direct)
 
 
 def convert(source: CheckpointSource, store_dir: Path, settings: dict, codec: RecordCodec | None = None,
@@ -125,6 +126,9 @@ def convert(source: CheckpointSource, store_dir: Path, settings: dict, codec: Re
                 layout.pack(tensors, buf[: layout.nbytes])
                 lzma_too = codec is not None and codec.entropy_coded(fmt)
                 data, how = _compress(memoryview(buf[: layout.nbytes].numpy()), lzma_too)
+                if len(data) >= ALIGN_MIN and end % ALIGN:  # long records start aligned: direct reads, no bounce
+                    f.write(bytes(-end % ALIGN))
+                    end += -end % ALIGN
                 f.write(data)
                 journal["layouts"].setdefault(fmt, layout.to_json())
                 journal["records"].append([key[0], key[1], fmt, checksum(data), end, len(data), how])
@@ -184,7 +188,8 @@ def open_store(cfg, source: CheckpointSource, codec: RecordCodec | None, progres
         return RamStore(source)
     fmt = "dense" if codec is None else ("custom" if callable(cfg.bits) else json.dumps(cfg.bits, sort_keys=True))
     settings = {"dtype": str(cfg.dtype).removeprefix("torch."), "format": fmt}
-    return open_or_convert(source, Path(cfg.store_dir), settings, codec, progress=progress, verify=cfg.verify)
+    return open_or_convert(source, Path(cfg.store_dir), settings, codec, progress=progress, verify=cfg.verify,
+                           direct=cfg.direct_io)
 
 
 def build_store(model_dir, out: Path, bits=None, dtype="bfloat16", progress: bool = True) -> str:

@@ -462,9 +462,9 @@ def gemv_bandwidths(seconds: float = 0.2) -> dict:
 def store_read_seconds(store, keys, seconds: float = 0.2, slots: int = 4) -> float:
     """Seconds to read one record of `store` (its real `read_into`), cycling over `keys` into `slots`
     record buffers in turn, as misses land in different slots."""
-    import torch
+    from offload.store import aligned_buffer
 
-    bufs = [torch.zeros(store.record_bytes + 64, dtype=torch.uint8) for _ in range(slots)]
+    bufs = [aligned_buffer(store.buffer_bytes) for _ in range(slots)]
     keys = list(keys)
     it = iter(range(1 << 62))
 

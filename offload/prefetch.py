@@ -22,6 +22,7 @@ import torch
 from cache import CacheFull, ExpertCache, Key
 from offload.errors import OffloadError
 from offload.slots import SlotPool
+from offload.store import aligned_buffer
 from offload.stats import EngineStats
 
 QUEUED, RUNNING, DONE, STOLEN = range(4)
@@ -61,7 +62,7 @@ class Prefetcher:
         self._by_seq: dict[int, _Job] = {}
         self._stats_lock = threading.Lock()
         if self.cuda:
-            nbytes = store.record_bytes
+            nbytes = store.buffer_bytes
             self._copy_stream = torch.cuda.Stream(device=slots.device)
             self._staging = [self._pinned(nbytes) for _ in range(staging_buffers + 1)]
             self._staging_events: list = [None] * len(self._staging)
@@ -275,7 +276,7 @@ class Prefetcher:
         tid = threading.get_ident()
         buf = self._scratch.get(tid)
         if buf is None:
-            buf = self._scratch[tid] = torch.empty(self.store.record_bytes, dtype=torch.uint8)
+            buf = self._scratch[tid] = aligned_buffer(self.store.buffer_bytes)
         return buf
 
     def _pinned(self, nbytes: int) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """SlotPool: the resident tier. A fixed [capacity, record_bytes] buffer on the compute device.
 
 Allocated once; a slot's tensors are views into it, so nothing allocates in the hot path (vLLM's
-expert-cache lesson). Which key sits in which slot is decided by `cache.ExpertCache`, not here.
+expert-cache lesson). Which key sits in which slot is decided by `cache.ExpertCache`, not here. On CPU
+every slot starts on an ALIGN boundary and spans a whole number of ALIGN blocks, so the disk store's direct
+reads land in it without a bounce buffer.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import mmap
 import torch
 
 from offload.layout import ExpertLayout
+from offload.store import aligned_buffer, round_up
 
 
 class SlotPool:
@@ -17,17 +20,21 @@ class SlotPool:
         """`shared`: CPU slots in an anonymous shared mapping, so a forked loader process writes into the
         same memory (no /dev/shm needed: containers often cap it at 64 MB)."""
         self.capacity, self.record_bytes, self.device = capacity, record_bytes, torch.device(device)
-        self.shared = shared and self.device.type == "cpu"
+        cpu = self.device.type == "cpu"
+        self.shared = shared and cpu
+        self.stride = round_up(record_bytes) if cpu else record_bytes  # bytes from one slot to the next
         if self.shared:
-            self._map = mmap.mmap(-1, capacity * record_bytes)  # MAP_SHARED | MAP_ANONYMOUS, zero-filled
-            self.buf = torch.frombuffer(self._map, dtype=torch.uint8).view(capacity, record_bytes)
+            self._map = mmap.mmap(-1, capacity * self.stride)  # MAP_SHARED | MAP_ANONYMOUS, zero-filled, page-aligned
+            self.buf = torch.frombuffer(self._map, dtype=torch.uint8).view(capacity, self.stride)
+        elif cpu:
+            self.buf = aligned_buffer(capacity * self.stride).zero_().view(capacity, self.stride)
         else:
             self.buf = torch.zeros(capacity, record_bytes, dtype=torch.uint8, device=self.device)
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
 
     @property
     def nbytes(self) -> int:
-        return self.capacity * self.record_bytes
+        return self.capacity * self.stride
 
     def raw(self, slot: int) -> torch.Tensor:
         return self.buf[slot]

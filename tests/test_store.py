@@ -14,7 +14,7 @@ from offload.cli import DEMO_MODEL
 from offload.codec import RecordCodec, format_rule
 from offload.convert import JOURNAL, PARTIAL, build_store, convert
 from offload.source import CheckpointSource
-from offload.store import DATA, INDEX, DiskStore, RamStore
+from offload.store import ALIGN, ALIGN_MIN, DATA, INDEX, DiskStore, RamStore, aligned_buffer
 
 
 def source_of(path, arch="mixtral", dtype=torch.bfloat16):
@@ -185,6 +185,43 @@ def test_lzma_records_round_trip_and_a_flipped_byte_is_caught(tiny_dir, tmp_path
     store.read_into(src.keys()[6], got)  # neighbours are fine
     with pytest.raises(OffloadError, match=r"checksum mismatch in .*experts.bin for expert \(0, 5\)"):
         store.read_into(src.keys()[5], got)
+
+
+def test_direct_reads_equal_buffered_reads_into_any_buffer(tmp_path):
+    """The demo's dense store: every long record starts on an ALIGN boundary and is read with O_DIRECT straight
+    into an aligned slot (no bounce buffer), or through the bounce buffer into an unaligned one; both equal
+    buffered reads byte for byte."""
+    build_store(DEMO_MODEL, tmp_path / "s", progress=False)
+    direct, buffered = DiskStore(tmp_path / "s"), DiskStore(tmp_path / "s", direct=False)
+    assert direct.direct and not buffered.direct
+    keys, n = direct.keys(), direct.record_bytes
+    assert n >= ALIGN_MIN and all(direct.extent(k)[0] % ALIGN == 0 for k in keys)
+    assert direct.buffer_bytes % ALIGN == 0 and direct.buffer_bytes - n < ALIGN
+    slot, ref = aligned_buffer(direct.buffer_bytes), torch.empty(n, dtype=torch.uint8)
+    odd = torch.empty(n + 1, dtype=torch.uint8)[1:]  # not aligned
+    for k in keys:
+        buffered.read_into(k, ref)
+        assert direct.read_into(k, slot) == n
+        assert getattr(direct._local, "bounce", None) is None, "an aligned slot must not need the bounce buffer"
+        assert torch.equal(slot[:n], ref)
+    for k in keys:
+        buffered.read_into(k, ref)
+        direct.read_into(k, odd)
+        assert torch.equal(odd, ref)
+
+
+def test_small_and_compressed_records_read_directly_through_the_bounce_buffer(tiny_dir, tmp_path):
+    """Records below ALIGN_MIN stay packed back to back (no padding), and direct reads still equal buffered ones."""
+    src = source_of(tiny_dir("mixtral"))
+    convert(src, tmp_path / "s", {"format": "ternary-z90"}, codec_of(src, "ternary-z90"), progress=False)
+    direct, buffered = DiskStore(tmp_path / "s"), DiskStore(tmp_path / "s", direct=False)
+    extents = sorted(direct.extent(k) for k in direct.keys())
+    assert all(o + n == o2 for (o, n), (o2, _) in zip(extents, extents[1:])), "small records are not padded"
+    a, b = aligned_buffer(direct.buffer_bytes), aligned_buffer(direct.buffer_bytes)
+    for k in direct.keys():
+        direct.read_into(k, a)
+        buffered.read_into(k, b)
+        assert torch.equal(a[: direct.record_bytes], b[: direct.record_bytes])
 
 
 def test_ternary_z90_store_is_below_one_bit_per_param_on_disk(tmp_path):
