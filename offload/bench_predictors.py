@@ -309,6 +309,8 @@ def prefetch_command(
     lookahead: Optional[list[str]] = typer.Option(None, help="lookaheads for every predictor but none [default: 1,2]"),
     policy: str = typer.Option("lru", help="eviction policy"),
     width: Optional[int] = typer.Option(None, help="prefetch width (experts per predicted layer) [default: top-k]"),
+    min_precision: Optional[list[str]] = typer.Option(None, help="prefetch_min_precision values for every predictor "
+                                                      "but none [default: the engine's]"),
     direct_io: bool = typer.Option(True, help="read the store with O_DIRECT (--no-direct-io: buffered reads)"),
     uncached: bool = typer.Option(True, help="buffered reads: drop the store's pages from the OS page cache after "
                                              "every read (--no-uncached: misses may be served from the page cache)"),
@@ -330,6 +332,10 @@ def prefetch_command(
         caps = _capacities(capacity, "0.25,0.5")
         preds = _split(predictor) or ["none", "previous", "gate"]
         looks = _ints(lookahead, "1,2")
+        try:
+            floors = [float(x) for x in _split(min_precision)] or [None]
+        except ValueError:
+            raise ValueError(f"--min-precision takes numbers in [0, 1] like 0.5,0.75, got {min_precision}") from None
         total = _total_experts(model_dir)
         opts = {"store": "disk", "store_dir": str(store_dir), "policy": policy, "prefetch_width": width,
                 "direct_io": direct_io}
@@ -338,9 +344,13 @@ def prefetch_command(
             slots = min(total, slots_for(c, total))
             for pr in preds:
                 for d in ([1] if pr == "none" else looks):
-                    name = f"{_label(c)} ({slots}) {pr}" + ("" if pr == "none" else f" d={d}")
-                    configs.append((name, dict(cache_experts=slots, predictor=None if pr == "none" else pr,
-                                               lookahead=d), (_label(c), pr)))
+                    for p in ([None] if pr == "none" else floors):
+                        name = (f"{_label(c)} ({slots}) {pr}" + ("" if pr == "none" else f" d={d}")
+                                + ("" if p is None or len(floors) == 1 else f" p>={p:g}"))
+                        o = dict(cache_experts=slots, predictor=None if pr == "none" else pr, lookahead=d)
+                        if p is not None:
+                            o["prefetch_min_precision"] = p
+                        configs.append((name, o, (_label(c), pr)))
         models = []
         direct = False
         with out.status("loading configurations ..."):
@@ -367,12 +377,16 @@ def prefetch_command(
             med = {k: statistics.median(x[k] for x in s) for k in s[0]}
             rows.append({"config": name, **o, "capacity": group[0] if group else "all", "predictor":
                          group[1] if group else "none", **med, "samples_tok_s": [x["tok_s"] for x in s]})
-        base = {r["capacity"]: r["tok_s"] for r in rows if r["predictor"] == "none"}
-        for r in rows:
-            r["vs_no_prefetch"] = r["tok_s"] / base[r["capacity"]] if r["capacity"] in base else None
+        # per round, each configuration against the no-prefetch run of the same round; the median of those
+        # ratios cancels drift slower than a round (this VM's speed moves by 10-20% over minutes)
+        base = {r["capacity"]: s for r, s in zip(rows, samples) if r["predictor"] == "none"}
+        for r, s in zip(rows, samples):
+            b = base.get(r["capacity"])
+            r["vs_no_prefetch"] = (statistics.median(x["tok_s"] / y["tok_s"] for x, y in zip(s, b))
+                                   if b is not None else None)
         how = "direct I/O" if direct else "page cache dropped" if uncached else "page cache kept"
-        t = Table(title=f"measured decode, disk tier ({how}): {model_dir.name}, "
-                        f"{max_new_tokens} new tokens, median of {repeats}, {policy}")
+        t = Table(title=f"measured decode, disk tier ({how}): {model_dir.name}, {max_new_tokens} new tokens, "
+                        f"median of {repeats} rounds ('vs no prefetch': median of per-round ratios), {policy}")
         for col in ("config", "tok/s", "ms/token", "vs no prefetch", "hit rate", "KB/token", "stall ms/tok",
                     "prefetch useful/issued"):
             t.add_column(col, justify="left" if col == "config" else "right")

@@ -173,8 +173,8 @@ class Engine:
                 self._predicted[tl] = set(ids)
             if self._paused(tl):
                 self.stats.prefetch_suppressed += len(ids)
-            else:
-                keys += [(tl, e) for e in ids]
+            else:  # the layer computes its experts in ascending id order: load the likeliest k in that order
+                keys += [(tl, e) for e in sorted(ids[: self.top_k]) + ids[self.top_k:]]
         self.prefetcher.submit(keys, self._recent)
 
     def _score(self, layer: int, top_k_index: torch.Tensor) -> None:
@@ -185,7 +185,10 @@ class Engine:
         layer 1, and one average would pause both or run both."""
         predicted = self._predicted.pop(layer, None)
         if predicted:
-            hit = len(predicted.intersection(top_k_index[0].tolist())) / len(predicted)
+            chosen = top_k_index[0].tolist()
+            for e in predicted.difference(chosen):  # wrong guesses not yet being read: never read them
+                self.prefetcher.cancel((layer, e))
+            hit = len(predicted.intersection(chosen)) / len(predicted)
             p = self._precision.get(layer, 1.0)
             self._precision[layer] = p + self._precision_rate * (hit - p)
 

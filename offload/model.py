@@ -112,8 +112,10 @@ class OffloadedModel:
             "bytes_loaded": dict(s.bytes_loaded), "loads": s.loads, "load_seconds": s.load_seconds,
             "stall_seconds": s.stall_seconds, "tokens": s.tokens,
             "prefetch_issued": s.prefetch_issued, "prefetch_useful": s.prefetch_useful,
-            "prefetch_suppressed": s.prefetch_suppressed, "prefetch_precision": e.precision,
-            "prefetch_wasted": s.prefetch_issued - s.prefetch_useful - e.prefetcher.pending_unused(),
+            "prefetch_suppressed": s.prefetch_suppressed, "prefetch_cancelled": s.prefetch_cancelled,
+            "prefetch_precision": e.precision,
+            "prefetch_wasted": (s.prefetch_issued - s.prefetch_useful - s.prefetch_cancelled
+                                - e.prefetcher.pending_unused()),
             "resident_experts": len(e.cache), "resident_bytes": len(e.cache) * e.slots.record_bytes,
             "capacity_experts": e.cache.capacity, "capacity_bytes": e.slots.nbytes,
             "total_experts": len(self.source.keys()), "expert_bytes": e.slots.record_bytes,

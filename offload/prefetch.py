@@ -32,9 +32,10 @@ _STOP = object()
 class _Job:
     __slots__ = ("done", "error", "event", "key", "lock", "seq", "slot", "state")
 
-    def __init__(self, key: Key, slot: int) -> None:
+    def __init__(self, key: Key, slot: int, threaded: bool = True) -> None:
         self.key, self.slot, self.state = key, slot, QUEUED
-        self.lock, self.done = threading.Lock(), threading.Event()
+        # a worker thread's handshake (a loader process keeps its job states in shared memory instead)
+        self.lock, self.done = (threading.Lock(), threading.Event()) if threaded else (None, None)
         self.error: BaseException | None = None
         self.event = None  # CUDA event recorded after the copy
         self.seq = 0  # the loader process's job number
@@ -108,7 +109,7 @@ class Prefetcher:
                 self.stats.prefetch_dropped += 1
                 continue
             self.cache.pin(key)
-            job = self._jobs[key] = _Job(key, slot)
+            job = self._jobs[key] = _Job(key, slot, threaded=self.worker == "thread")
             self._prefetched.add(key)
             if self.worker == "process":
                 if self._loader is None:
@@ -128,6 +129,29 @@ class Prefetcher:
                 self._ensure_worker()
                 self._queue.put(job)
             self.stats.prefetch_issued += 1
+
+    def cancel(self, key: Key) -> bool:
+        """Withdraw the prefetch of `key` if the worker has not started it (the router just chose otherwise):
+        its read would only delay the demand loads of this layer on the same disk. True if withdrawn."""
+        job = self._jobs.get(key)
+        if job is None:
+            return False
+        if self.worker == "process":
+            taken = job.seq in self._by_seq and self._loader.steal(job.slot)
+            if taken:
+                del self._by_seq[job.seq]
+        else:
+            with job.lock:
+                taken = job.state == QUEUED
+                if taken:
+                    job.state = STOLEN
+        if taken:
+            del self._jobs[key]
+            self._prefetched.discard(key)
+            self.cache.unpin(key)
+            self.cache.remove(key)
+            self.stats.prefetch_cancelled += 1
+        return taken
 
     def drain(self) -> None:
         """Wait for every in-flight prefetch (used before reading stats or shutting down)."""
@@ -150,7 +174,7 @@ class Prefetcher:
             self._worker.join(timeout=10)
             self._worker = None
         for job in list(self._jobs.values()):  # never started: release their pins
-            if job.state in (QUEUED, STOLEN) or job.done.is_set():
+            if job.state in (QUEUED, STOLEN) or (job.done is not None and job.done.is_set()):
                 self._release(job)
 
     # --- internals --------------------------------------------------------------------------------

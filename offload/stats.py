@@ -15,6 +15,7 @@ class EngineStats:
     prefetch_useful: int = 0       # prefetched and then used before eviction
     prefetch_dropped: int = 0      # predicted but no slot could be freed (everything pinned)
     prefetch_suppressed: int = 0   # predicted but not fetched: recent predictions were too often wrong
+    prefetch_cancelled: int = 0    # issued, proved wrong by the router before the worker started it: never read
     tokens: int = 0                # tokens passed through the first MoE layer (prefill + decode)
 
     def reset(self) -> None:

@@ -53,12 +53,23 @@ def test_predictors_bad_input_is_one_line(app, tiny_dir):
 def test_prefetch_smoke(app, tiny_dir, tmp_path):
     js = tmp_path / "pf.json"
     r = runner.invoke(app, ["prefetch", str(tiny_dir("mixtral")), "--store-dir", str(tmp_path / "s"), "--capacity",
-                            "0.25", "--predictor", "none,gate", "--lookahead", "0,1", "--max-new-tokens", "2",
-                            "--repeats", "1", "--json", str(js)])
+                            "0.25", "--predictor", "none,gate", "--lookahead", "0,1", "--min-precision", "0.5,1",
+                            "--max-new-tokens", "2", "--repeats", "2", "--json", str(js)])
     assert r.exit_code == 0, r.output
-    rows = json.loads(js.read_text())["rows"]
-    assert [x["config"] for x in rows] == ["all resident", "0.25 (6) none", "0.25 (6) gate d=0", "0.25 (6) gate d=1"]
+    res = json.loads(js.read_text())
+    rows = res["rows"]
+    assert [x["config"] for x in rows] == ["all resident", "0.25 (6) none", "0.25 (6) gate d=0 p>=0.5",
+                                           "0.25 (6) gate d=0 p>=1", "0.25 (6) gate d=1 p>=0.5", "0.25 (6) gate d=1 p>=1"]
+    assert [x.get("prefetch_min_precision") for x in rows[2:]] == [0.5, 1.0, 0.5, 1.0]
+    assert res["direct_io"] is True  # pytest's tmp is a local filesystem with O_DIRECT
     assert rows[1]["vs_no_prefetch"] == 1.0 and all(x["tok_s"] > 0 for x in rows)
+    # 'vs no prefetch' is the median of per-round ratios against the same round's no-prefetch run
+    for x in rows[2:]:
+        per_round = [a / b for a, b in zip(x["samples_tok_s"], rows[1]["samples_tok_s"])]
+        assert x["vs_no_prefetch"] == pytest.approx(sum(per_round) / 2)
+    r = runner.invoke(app, ["prefetch", str(tiny_dir("mixtral")), "--store-dir", str(tmp_path / "s"),
+                            "--min-precision", "half"])
+    assert r.exit_code == 2 and "--min-precision takes numbers" in r.output and "Traceback" not in r.output
 
 
 @pytest.mark.parametrize("predictor", ["gate", "previous", "frequency"])

@@ -195,6 +195,19 @@ def test_gate_route_exact_in_bfloat16(arch):
         assert torch.equal(gp.route(layer, ins[layer])[0].sort(-1).values, sel[layer].long().sort(-1).values)
 
 
+def test_gate_takes_the_logit_top_k_path_only_where_the_router_agrees(captured):
+    """Plain top-k routers are predicted from their logits; DeepSeek-V3's bias-steered, group-limited router is
+    not (its choice is not the top-k of its logits). Either way route() is the router's selection (above)."""
+    arch, model, routers, ins, sel = captured
+    E, k = dims(routers)
+    gp = GatePredictor(routers, list(routers), E, k)
+    want = arch != "deepseek_v3"
+    assert [gp.logit_topk(layer) for layer in routers] == [want] * len(routers), arch
+    for layer in routers:
+        index, logits = gp.route(layer, ins[layer])
+        assert torch.equal(index.sort(-1).values, sel[layer].long().sort(-1).values), arch
+
+
 class DenseRouter(torch.nn.Module):
     """Llama-4 shaped output (dense scores, logits), with a selected score that underflowed to 0."""
     top_k = 2

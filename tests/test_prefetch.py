@@ -63,13 +63,19 @@ def test_random_routing_no_deadlock_no_double_slot_exact_accounting(seed, worker
     stats = EngineStats()
     cache, slots, pf = make(StampStore(seed), capacity, worker, stats)
     uses = 0
+    predicted: dict[int, list] = {}
     for step in range(1500):
         layer = step % layers
         keys = [(layer, e) for e in sorted(rng.sample(range(experts), k))]
         for key in keys:
             cache.pin(key)
+        for key in set(predicted.pop(layer, [])) - set(keys):  # as the engine does once the router has chosen
+            pf.cancel(key)
         nxt = (layer + 1) % layers
-        pf.submit([(nxt, e) for e in rng.sample(range(experts), rng.randint(0, 3))])
+        predicted[nxt] = [(nxt, e) for e in rng.sample(range(experts), rng.randint(0, 3))]
+        pf.submit(predicted[nxt])
+        if predicted[nxt] and rng.random() < 0.3:  # a withdrawal racing the worker
+            pf.cancel(predicted[nxt][-1])
         seen = set()
         for key in keys:
             slot = pf.fetch(key)
@@ -84,7 +90,9 @@ def test_random_routing_no_deadlock_no_double_slot_exact_accounting(seed, worker
     pf.close()
     c = cache.stats
     assert c.hits + c.misses == uses
-    assert stats.loads == c.misses + stats.prefetch_issued  # every load was a demand miss or a prefetch
+    # every load was a demand miss or a prefetch that was not cancelled before it started
+    assert stats.loads == c.misses + stats.prefetch_issued - stats.prefetch_cancelled
+    assert stats.prefetch_cancelled > 0
     assert stats.prefetch_useful <= stats.prefetch_issued
     assert stats.prefetch_useful <= c.hits, "a prefetch evicted before use must not count as useful"
     assert not cache.pinned(), "pins leaked"
@@ -114,6 +122,34 @@ def test_demand_steals_a_queued_prefetch_and_close_is_clean(worker):
     runner = pf._worker if worker == "thread" else pf._loader._proc
     pf.close()
     assert runner is not None and not runner.is_alive()
+    assert not cache.pinned() and stopped(pf)
+
+
+class SlowFirstStore(StampStore):
+    """The first read takes 0.3 s, so the jobs behind it stay queued."""
+
+    def read_into(self, key, out: torch.Tensor) -> int:
+        if key == (0, 0):
+            time.sleep(0.3)
+        return super().read_into(key, out)
+
+
+@pytest.mark.parametrize("worker", WORKERS)
+def test_cancel_withdraws_a_queued_prefetch_and_never_reads_it(worker):
+    stats = EngineStats()
+    cache, slots, pf = make(SlowFirstStore(0), 4, worker, stats)
+    pf.submit([(0, 0), (0, 1), (0, 2)])
+    time.sleep(0.05)  # the worker is inside the slow read of (0, 0)
+    assert not pf.cancel((0, 0)), "a read in progress cannot be withdrawn"
+    assert pf.cancel((0, 1)) and not pf.cancel((0, 1)) and not pf.cancel((5, 5))
+    assert (0, 1) not in cache and (0, 1) not in cache.pinned()
+    slot = pf.fetch((0, 2))
+    assert (int(slots.buf[slot, 0]), int(slots.buf[slot, 1])) == (0, 2)
+    pf.drain()
+    assert stats.prefetch_issued == 3 and stats.prefetch_cancelled == 1
+    assert stats.loads == 2, "the cancelled prefetch must never be read"
+    assert (0, 0) in cache and (0, 1) not in cache
+    pf.close()
     assert not cache.pinned() and stopped(pf)
 
 
