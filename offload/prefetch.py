@@ -134,24 +134,11 @@ class Prefetcher:
         """Withdraw the prefetch of `key` if the worker has not started it (the router just chose otherwise):
         its read would only delay the demand loads of this layer on the same disk. True if withdrawn."""
         job = self._jobs.get(key)
-        if job is None:
+        if job is None or not self._take_back(job):
             return False
-        if self.worker == "process":
-            taken = job.seq in self._by_seq and self._loader.steal(job.slot)
-            if taken:
-                del self._by_seq[job.seq]
-        else:
-            with job.lock:
-                taken = job.state == QUEUED
-                if taken:
-                    job.state = STOLEN
-        if taken:
-            del self._jobs[key]
-            self._prefetched.discard(key)
-            self.cache.unpin(key)
-            self.cache.remove(key)
-            self.stats.prefetch_cancelled += 1
-        return taken
+        self._forget(job)
+        self.stats.prefetch_cancelled += 1
+        return True
 
     def drain(self) -> None:
         """Wait for every in-flight prefetch (used before reading stats or shutting down)."""
@@ -179,15 +166,9 @@ class Prefetcher:
 
     # --- internals --------------------------------------------------------------------------------
     def _finish(self, job: _Job) -> None:
-        if self.worker == "process":
-            if job.seq not in self._by_seq:  # reaped already (drain walks a snapshot)
-                return
-            stolen = self._loader.steal(job.slot)
-        else:
-            with job.lock:
-                stolen = job.state == QUEUED
-                if stolen:
-                    job.state = STOLEN
+        if self.worker == "process" and job.seq not in self._by_seq:  # reaped already (drain walks a snapshot)
+            return
+        stolen = self._take_back(job)
         t0 = time.perf_counter()
         if stolen:
             try:
@@ -202,13 +183,30 @@ class Prefetcher:
         self.stats.stall_seconds += time.perf_counter() - t0
         self._release(job)
 
-    def _undo(self, job: _Job) -> None:
-        """Forget a job the worker never got (counted as dropped, not issued)."""
+    def _take_back(self, job: _Job) -> bool:
+        """Take `job` back if the worker has not started it (True): then the caller loads it, or nobody does."""
+        if self.worker == "process":
+            taken = self._loader.steal(job.slot)
+            if taken:  # no completion will come for it
+                del self._by_seq[job.seq]
+            return taken
+        with job.lock:
+            taken = job.state == QUEUED
+            if taken:
+                job.state = STOLEN
+        return taken
+
+    def _forget(self, job: _Job) -> None:
+        """Drop a job that will never be read, and its slot."""
         del self._jobs[job.key]
         self._prefetched.discard(job.key)
-        self.stats.prefetch_dropped += 1
         self.cache.unpin(job.key)
         self.cache.remove(job.key)
+
+    def _undo(self, job: _Job) -> None:
+        """Forget a job the worker never got (counted as dropped, not issued)."""
+        self._forget(job)
+        self.stats.prefetch_dropped += 1
 
     def _release(self, job: _Job) -> None:
         if self._jobs.get(job.key) is job:

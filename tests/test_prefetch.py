@@ -87,6 +87,7 @@ def test_random_routing_no_deadlock_no_double_slot_exact_accounting(seed, worker
             cache.unpin(key)
         assert len(cache) <= capacity
     pf.drain()
+    assert not pf._jobs and not pf._by_seq, "a finished, stolen or cancelled job is still tracked"
     pf.close()
     c = cache.stats
     assert c.hits + c.misses == uses
