@@ -10,8 +10,9 @@ into a resident slot.
 
 Why direct I/O: a buffered read of a cold 442 KB demo record costs 0.47 ms and 0.15 ms of CPU (page-cache
 fill and copy out), against 0.31 ms and 0.06 ms of CPU with O_DIRECT (this VM's virtio disk, medians of
-`examples/direct_io.py`); buffered reads also pull up to 8 MB of readahead (this disk's `read_ahead_kb`). Streaming experts through the page
-cache would also keep a second copy of them in RAM and evict what the OS had cached. Direct reads need
+`examples/direct_io.py`); buffered reads also pull up to 8 MB of readahead (this disk's `read_ahead_kb`).
+Streaming experts through the page cache would also keep a second copy of them in RAM and evict what the
+OS had cached. Direct reads need
 the file offset, the length and the buffer address aligned to the device's block: the converter starts
 every record of ALIGN_MIN bytes or more at a multiple of ALIGN, resident slots and staging buffers are
 ALIGN-aligned with a length rounded up (`aligned_buffer`, `buffer_bytes`), and any other read goes through
