@@ -108,7 +108,7 @@ def trace(
     out_path: Path = typer.Option(Path("trace.npz"), "--out", "-o", help="where to write the .npz trace"),
     prompt_tokens: int = typer.Option(32, min=1, help="random prompt length when the model has no tokenizer"),
 ) -> None:
-    """Generate greedily with every expert resident and record which experts each token routed to."""
+    """Generate greedily (as many experts resident as memory allows) and record which experts each token routed to."""
     import torch
 
     from offload.model import OffloadedModel
@@ -119,8 +119,7 @@ def trace(
             if not prompts.exists():
                 raise FileNotFoundError(f"prompts file {prompts} does not exist")
             texts += [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
-        total = _total_experts(model_dir)
-        model = OffloadedModel.from_pretrained(model_dir, cache_experts=total, trace=True)
+        model = OffloadedModel.from_pretrained(model_dir, trace=True)  # routing never depends on the cache size
         try:
             for i, text in enumerate(texts or [None]):
                 ids = _prompt_ids(model, text, prompt_tokens, seed=i)

@@ -3,9 +3,9 @@
   offload-bench predictors MODEL_DIR --max-new-tokens 64 --lookahead 1,2,3 --width 2 --json pred.json
   offload-bench prefetch MODEL_DIR --store-dir D --capacity 0.25,0.5 --predictor none,previous,gate --lookahead 1,2
 
-`predictors` generates greedily with every expert resident and the engine's predictor replaced by a scorer
-that runs every predictor under test on the same forward passes, without prefetching anything (so generation
-is exactly the model's). Each prediction made inside layer l for a target layer t is scored when layer t
+`predictors` generates greedily (as many experts resident as memory allows) with the engine's predictor
+replaced by a scorer that runs every predictor under test on the same forward passes, without prefetching
+anything (so generation is exactly the model's). Each prediction made inside layer l for a target layer t is scored when layer t
 routes in the same step (`PredictorScore`): recall@k = share of the experts t really selected found in the
 first k predicted ids. A target a predictor says nothing about scores recall 0 (nothing would be prefetched).
 Decode steps (one token) are the headline; prefill passes are scored separately over the whole predicted list.
@@ -136,13 +136,13 @@ def score_predictors(model_dir: Path, texts: list[str], max_new_tokens: int, loo
     """{"rows": {name: {lookahead: results}}, ...} for every predictor in `names` at every lookahead."""
     import torch
 
-    from offload.bench import _prompt_ids, _total_experts
+    from offload.bench import _prompt_ids
     from offload.layer_entry import hook_layer_entries
     from offload.model import OffloadedModel
     from predictors import OraclePredictor, find_routers, make_predictor
 
-    total = _total_experts(model_dir)
-    model = OffloadedModel.from_pretrained(model_dir, cache_experts=total, trace=True)
+    # as many experts resident as memory allows (all, for a model that fits): predictions never depend on it
+    model = OffloadedModel.from_pretrained(model_dir, trace=True)
     try:
         e = model.engine
         E, k, layers = e.num_experts, e.top_k, e.moe_layers

@@ -39,7 +39,7 @@ class Engine:
         # it forgets as fast per token as one shared average did.
         self._precision_rate = min(1.0, PRECISION_EMA * len(moe_layers))
         self._targets = getattr(predictor, "targets", None)  # target layers of a prediction at a layer
-        self._predicted: dict[int, set[int]] = {}  # target layer -> experts predicted for it this step
+        self._predicted: dict[int, list[int]] = {}  # target layer -> experts predicted for it this step
         # A prefetch may only displace experts not used during the last pass over the layers (one decode
         # token). A guess is right ~60-80% of the time, and a recently used expert is reused often enough
         # that evicting it for a guess moves more bytes than it saves; where every slot holds a recent
@@ -170,7 +170,7 @@ class Engine:
         for tl, ids in wanted.items():
             ids = ids[: self.prefetch_width]
             if decode:
-                self._predicted[tl] = set(ids)
+                self._predicted[tl] = ids
             if self._paused(tl):
                 self.stats.prefetch_suppressed += len(ids)
             else:  # the layer computes its experts in ascending id order: load the likeliest k in that order
@@ -186,9 +186,12 @@ class Engine:
         predicted = self._predicted.pop(layer, None)
         if predicted:
             chosen = top_k_index[0].tolist()
-            for e in predicted.difference(chosen):  # wrong guesses not yet being read: never read them
+            for e in set(predicted).difference(chosen):  # wrong guesses not yet being read: never read them
                 self.prefetcher.cancel((layer, e))
-            hit = len(predicted.intersection(chosen)) / len(predicted)
+            # precision of the top-k guess alone, so that the pause threshold means the same at any width
+            # (ids beyond k are the next likeliest, a margin for a near miss)
+            guess = set(predicted[: self.top_k])
+            hit = len(guess.intersection(chosen)) / len(guess)
             p = self._precision.get(layer, 1.0)
             self._precision[layer] = p + self._precision_rate * (hit - p)
 

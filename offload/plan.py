@@ -100,6 +100,16 @@ def make_plan(cfg: OffloadConfig, hf_config, source: CheckpointSource, expert_by
         need = f"{top_k * expert_bytes / 2**20:.2f} MiB" if cfg.cache_memory is not None else f"{top_k} experts"
         raise OffloadError(f"the expert cache must hold at least one layer's top-k = {top_k} experts ({need}); "
                            f"raise cache_experts to >= {top_k} or cache_memory to >= {top_k * expert_bytes} bytes")
+    resident = min(capacity, total) * expert_bytes
+    if resident > budget:  # an explicit size that cannot fit: say so now, not as an out-of-memory kill later
+        fits = max(0, budget) // expert_bytes
+        asked = (f"cache_experts={cfg.cache_experts}" if cfg.cache_experts is not None
+                 else f"cache_memory={cfg.cache_memory}")
+        raise OffloadError(f"{asked} needs {resident / 2**20:.0f} MiB of expert slots, but {cfg.device} has "
+                           f"{max(0, budget) / 2**20:.0f} MiB left after the non-expert weights "
+                           f"({non_expert / 2**20:.0f} MiB), the KV cache at {context} tokens ({kv / 2**20:.0f} MiB) "
+                           f"and headroom; " + (f"lower it to at most {fits} experts" if fits >= top_k else
+                                                "free memory or lower --context"))
     return MemoryPlan(device=cfg.device, device_free=free, ram_total=vm.total, ram_available=vm.available,
                       non_expert_bytes=non_expert, kv_bytes=kv, context=context, expert_bytes=expert_bytes,
                       total_experts=total, store=cfg.store, store_bytes=total * expert_bytes,

@@ -168,6 +168,11 @@ class GatePredictor(BasePredictor):
             routed = [self.route(t, hidden)[0].reshape(-1) for t in targets]
             rows = torch.stack(routed).tolist() if len(routed) > 1 else [routed[0].tolist()]
             return {t: list(dict.fromkeys(e for e in row if 0 <= e < E)) for t, row in zip(targets, rows)}
+        short = [self._logit_topk[t] if self.logit_topk(t) else None for t in targets]
+        if all(short):  # the selection is the top-k logits, so the ranking is the top-`width` logits, in order
+            h = hidden.reshape(1, -1)
+            top = [torch.topk(F.linear(h, w, b), self.width, dim=-1).indices.reshape(-1) for w, b, _ in short]
+            return dict(zip(targets, torch.stack(top).tolist() if len(top) > 1 else [top[0].tolist()]))
         parts = []
         for t in targets:
             index, logits = self.route(t, hidden)

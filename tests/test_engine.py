@@ -223,3 +223,19 @@ def test_prefetch_pauses_while_predictions_are_wrong(tiny_dir):
     assert s0["prefetch_suppressed"] == 0 and s0["prefetch_issued"] > 0
     assert s1["prefetch_precision"] < 1.0  # the random tiny model's gate is often wrong...
     assert s1["prefetch_suppressed"] > 0 and s1["prefetch_issued"] < s0["prefetch_issued"]  # ...so it pauses
+
+
+def test_prefetch_precision_scores_the_top_k_guess_at_any_width(tiny_dir):
+    """Extra prefetched ids (prefetch_width > k) are a margin, not the guess: precision, and so pausing, is the
+    same as at width k, while more experts are fetched ahead."""
+    path = tiny_dir("mixtral")
+    ids = prompt(7)
+    runs = {}
+    for width in (2, 4):
+        m = OffloadedModel.from_pretrained(path, cache_experts=10, predictor="gate", prefetch_width=width,
+                                           prefetch_min_precision=0.0)
+        runs[width] = (greedy(m, ids), m.stats())
+    (tokens2, s2), (tokens4, s4) = runs[2], runs[4]
+    assert torch.equal(tokens2, tokens4)
+    assert 0.0 < s2["prefetch_precision"] == s4["prefetch_precision"]
+    assert s4["prefetch_issued"] > s2["prefetch_issued"]

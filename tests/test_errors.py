@@ -45,6 +45,23 @@ def test_capacity_below_top_k_names_minimum(tiny_dir):
         OffloadedModel.from_pretrained(tiny_dir("mixtral"), cache_memory="1KiB")
 
 
+def test_capacity_beyond_free_memory_is_refused_before_allocating(tiny_dir, monkeypatch):
+    """An explicit cache size that cannot fit is a one-line error naming the most that fits, not an OOM kill."""
+    import offload.plan as plan
+
+    path = tiny_dir("mixtral")
+    m = OffloadedModel.from_pretrained(path, cache_experts=2)
+    need = plan.MIN_HEADROOM + m.plan.non_expert_bytes + m.plan.kv_bytes + 5 * m.plan.expert_bytes
+    m.close()
+    monkeypatch.setattr(plan, "device_free", lambda device: need)
+    with OffloadedModel.from_pretrained(path) as auto:  # no size given: as many as fit
+        assert auto.plan.capacity == 5
+    with pytest.raises(OffloadError, match="cache_experts=6 needs .* lower it to at most 5 experts"):
+        OffloadedModel.from_pretrained(path, cache_experts=6)
+    with pytest.raises(OffloadError, match="cache_memory="):
+        OffloadedModel.from_pretrained(path, cache_memory=str(6 * m.plan.expert_bytes))
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(store="tape"), "store must be one of"),
     (dict(store="disk"), "needs store_dir"),

@@ -125,6 +125,26 @@ def test_gate_predict_equals_actual_selection_given_true_input(captured):
         assert counts == sorted(counts, reverse=True)
 
 
+def test_gate_wide_decode_short_path_equals_full_ranking(captured):
+    """Decode with width > k: routers predicted from their logits rank by top-`width` logits; that must be the
+    same list as the full ranking through the router's forward (selected by logit, then the rest by logit)."""
+    arch, model, routers, ins, sel = captured
+    E, k = dims(routers)
+    layers = list(routers)
+    fast = GatePredictor(routers, layers, E, k, width=min(E, k + 2))
+    full = GatePredictor(routers, layers, E, k, width=min(E, k + 2))
+    full._logit_topk = dict.fromkeys(layers)  # every router through its forward
+    for prev, nxt in zip(layers, layers[1:]):
+        if not fast.logit_topk(nxt):
+            continue
+        for t in range(ins[nxt].shape[0]):
+            h = ins[nxt][t:t + 1]
+            logits = full.route(nxt, h)[1].float().reshape(-1)
+            if logits.unique().numel() < E:  # a tie may be broken either way
+                continue
+            assert fast.predict(prev, h) == full.predict(prev, h), (arch, nxt, t)
+
+
 def test_gate_cross_layer_shapes(captured):
     """The real use: layer l's own input predicts l+1..l+d; check the shape of the answer only."""
     arch, model, routers, ins, sel = captured
