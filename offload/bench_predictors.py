@@ -301,6 +301,14 @@ def _decode_run(model, ids, n: int, uncached: bool) -> dict:
             "prefetch_issued": d["issued"], "prefetch_useful": d["useful"]}
 
 
+def _quartiles(xs: list[float]) -> tuple[float, float]:
+    """(first, third) quartile; a single sample is both."""
+    if len(xs) < 2:
+        return (xs[0], xs[0])
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return (q[0], q[2])
+
+
 def prefetch_command(
     model_dir: Path = typer.Argument(..., help="Hugging Face checkpoint directory"),
     store_dir: Path = typer.Option(..., help="disk store directory (converted on first use)"),
@@ -383,17 +391,24 @@ def prefetch_command(
         base = {r["capacity"]: s for r, s in zip(rows, samples) if r["predictor"] == "none"}
         for r, s in zip(rows, samples):
             b = base.get(r["capacity"])
-            r["vs_no_prefetch"] = (statistics.median(x["tok_s"] / y["tok_s"] for x, y in zip(s, b))
-                                   if b is not None else None)
+            ratios = [x["tok_s"] / y["tok_s"] for x, y in zip(s, b)] if b is not None else []
+            r["vs_no_prefetch"] = statistics.median(ratios) if ratios else None
+            # the spread says whether a median ratio is a win or this VM's noise
+            r["vs_no_prefetch_iqr"] = _quartiles(ratios) if ratios else None
+            r["faster_rounds"] = sum(x > 1 for x in ratios)
         how = "direct I/O" if direct else "page cache dropped" if uncached else "page cache kept"
         t = Table(title=f"measured decode, disk tier ({how}): {model_dir.name}, {max_new_tokens} new tokens, "
                         f"median of {repeats} rounds ('vs no prefetch': median of per-round ratios), {policy}")
-        for col in ("config", "tok/s", "ms/token", "vs no prefetch", "hit rate", "KB/token", "stall ms/tok",
-                    "prefetch useful/issued"):
+        for col in ("config", "tok/s", "ms/token", "vs no prefetch", "ratio IQR", "faster rounds", "hit rate",
+                    "KB/token", "stall ms/tok", "prefetch useful/issued"):
             t.add_column(col, justify="left" if col == "config" else "right")
         for r in rows:
+            q = r["vs_no_prefetch_iqr"]
+            paired = r["vs_no_prefetch"] is not None and r["predictor"] != "none"
             t.add_row(r["config"], f"{r['tok_s']:.1f}", f"{r['ms_per_token']:.2f}",
-                      "-" if r["vs_no_prefetch"] is None else f"{r['vs_no_prefetch']:.2f}x", f"{r['hit_rate']:.1%}",
+                      "-" if r["vs_no_prefetch"] is None else f"{r['vs_no_prefetch']:.2f}x",
+                      f"{q[0]:.2f}-{q[1]:.2f}" if paired else "-",
+                      f"{r['faster_rounds']}/{repeats}" if paired else "-", f"{r['hit_rate']:.1%}",
                       f"{r['bytes_per_token'] / 1e3:.1f}", f"{r['stall_ms_per_token']:.2f}",
                       f"{r['prefetch_useful']:.0f}/{r['prefetch_issued']:.0f}")
         out.print(t)

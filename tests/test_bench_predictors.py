@@ -67,6 +67,9 @@ def test_prefetch_smoke(app, tiny_dir, tmp_path):
     for x in rows[2:]:
         per_round = [a / b for a, b in zip(x["samples_tok_s"], rows[1]["samples_tok_s"])]
         assert x["vs_no_prefetch"] == pytest.approx(sum(per_round) / 2)
+        assert x["vs_no_prefetch_iqr"] == pytest.approx([min(per_round) * 0.75 + max(per_round) * 0.25,
+                                                         min(per_round) * 0.25 + max(per_round) * 0.75])
+        assert x["faster_rounds"] == sum(q > 1 for q in per_round)
     r = runner.invoke(app, ["prefetch", str(tiny_dir("mixtral")), "--store-dir", str(tmp_path / "s"),
                             "--min-precision", "half"])
     assert r.exit_code == 2 and "--min-precision takes numbers" in r.output and "Traceback" not in r.output
