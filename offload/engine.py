@@ -118,6 +118,7 @@ class Engine:
                     self.cache.pin(key)
                 try:
                     yield (*self._views(key, slot), sel)
+                    self.prefetcher.used(slot)  # its compute is queued (a GPU may not have run it yet)
                 finally:
                     if not pin_all:
                         self.cache.unpin(key)

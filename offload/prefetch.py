@@ -6,7 +6,8 @@ shared slot pool (`offload.loader`: a thread would fight the main thread for the
 on CUDA, and where fork is unavailable, on a worker thread (store reads and copies release the GIL). A
 demand for a key still queued behind other prefetches is stolen and loaded at once: demand always beats prefetch. On CUDA the worker
 stages records in pinned host buffers and copies them on a dedicated stream; compute waits only on the
-event of the expert it needs. In-flight keys stay pinned in the cache until the main thread reaps them,
+event of the expert it needs, and a copy into a slot waits only on the event recorded after the compute that
+last read the slot (the CPU runs ahead of the GPU: an evicted expert's kernels may not have run yet). In-flight keys stay pinned in the cache until the main thread reaps them,
 so a slot is never handed out twice.
 """
 from __future__ import annotations
@@ -69,6 +70,9 @@ class Prefetcher:
             self._staging_events: list = [None] * len(self._staging)
             self._next_staging = 0
             self._staging_lock = threading.Lock()
+            # Per slot, recorded on the compute stream after each use: kernels queued on an expert may still
+            # be reading its slot when the CPU evicts it, so a copy into the slot first waits for this.
+            self._slot_free = [torch.cuda.Event() for _ in range(slots.capacity)]
         else:
             self._scratch = {}  # per thread: a record buffer for stores whose records need a transform
 
@@ -96,6 +100,11 @@ class Prefetcher:
                 raise
             self.stats.stall_seconds += time.perf_counter() - t0
         return slot
+
+    def used(self, slot: int) -> None:
+        """The compute for `slot`'s expert is queued (CUDA): a later load into the slot waits for it to run."""
+        if self.cuda:
+            self._slot_free[slot].record(torch.cuda.current_stream(self.slots.device))
 
     def submit(self, keys: Iterable[Key], protect: Callable[[Key], bool] | None = None) -> None:
         """Start loading `keys` in the background; a key that cannot get a slot without evicting a key
@@ -316,6 +325,7 @@ class Prefetcher:
         staging = self._staging[i]
         n = self.store.read_into(key, staging)
         with torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_event(self._slot_free[slot])  # the slot's previous expert is computed
             dst = self.slots.raw(slot)
             if self.transform is None:
                 dst.copy_(staging, non_blocking=True)

@@ -239,3 +239,20 @@ def test_prefetch_precision_scores_the_top_k_guess_at_any_width(tiny_dir):
     assert torch.equal(tokens2, tokens4)
     assert 0.0 < s2["prefetch_precision"] == s4["prefetch_precision"]
     assert s4["prefetch_issued"] > s2["prefetch_issued"]
+
+
+def test_every_computed_slot_is_released_to_the_copy_stream(tiny_dir, monkeypatch):
+    """After an expert's compute is queued the engine calls Prefetcher.used(slot) (on CUDA: an event the
+    next copy into that slot waits for), once per fetched expert, with the slot fetch returned."""
+    from offload.prefetch import Prefetcher
+
+    log = []
+    fetch, used = Prefetcher.fetch, Prefetcher.used
+    monkeypatch.setattr(Prefetcher, "fetch", lambda self, *a, **k: log.append(("fetch", fetch(self, *a, **k)))
+                        or log[-1][1])
+    monkeypatch.setattr(Prefetcher, "used", lambda self, slot: (log.append(("used", slot)), used(self, slot)))
+    m = OffloadedModel.from_pretrained(tiny_dir("mixtral"), cache_experts=3, predictor="gate")
+    greedy(m, prompt(5))
+    m.close()
+    assert len(log) > 40
+    assert log[0::2] == [("fetch", s) for _, s in log[1::2]] and all(op == "used" for op, _ in log[1::2])
