@@ -256,3 +256,21 @@ def test_every_computed_slot_is_released_to_the_copy_stream(tiny_dir, monkeypatc
     m.close()
     assert len(log) > 40
     assert log[0::2] == [("fetch", s) for _, s in log[1::2]] and all(op == "used" for op, _ in log[1::2])
+
+
+def test_prefetch_never_evicts_recent_experts_or_those_of_paused_layers(tiny_dir):
+    """A prefetch may displace only experts unused for a full pass over the layers, and never one of a layer
+    whose prefetching is paused (nothing else brings that layer's experts in ahead of time)."""
+    m = OffloadedModel.from_pretrained(tiny_dir("mixtral"), cache_experts=4, predictor="gate",
+                                       prefetch_min_precision=0.5)
+    e = m.engine
+    greedy(m, prompt(3))
+    first, second = e.moe_layers[:2]
+    old = (second, 0)
+    e._last_use[old] = e._step - len(e.moe_layers)  # last used a full pass ago
+    e._last_use[(first, 0)] = e._step                 # used in this pass
+    e._precision = {first: 0.9, second: 0.9}
+    assert not e._protected(old) and e._protected((first, 0))
+    e._precision[second] = 0.4  # below prefetch_min_precision: paused
+    assert e._protected(old) and e._protected((second, 5))
+    m.close()
