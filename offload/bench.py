@@ -108,7 +108,7 @@ def trace(
     out_path: Path = typer.Option(Path("trace.npz"), "--out", "-o", help="where to write the .npz trace"),
     prompt_tokens: int = typer.Option(32, min=1, help="random prompt length when the model has no tokenizer"),
 ) -> None:
-    """Generate greedily (as many experts resident as memory allows) and record which experts each token routed to."""
+    """Generate greedily and record which experts each token routed to (as many experts resident as fit)."""
     import torch
 
     from offload.model import OffloadedModel

@@ -4,10 +4,11 @@
 a ready slot, demand-loading on a miss. On CPU, loads run in a forked loader process writing into the
 shared slot pool (`offload.loader`: a thread would fight the main thread for the GIL at every torch op);
 on CUDA, and where fork is unavailable, on a worker thread (store reads and copies release the GIL). A
-demand for a key still queued behind other prefetches is stolen and loaded at once: demand always beats prefetch. On CUDA the worker
-stages records in pinned host buffers and copies them on a dedicated stream; compute waits only on the
-event of the expert it needs, and a copy into a slot waits only on the event recorded after the compute that
-last read the slot (the CPU runs ahead of the GPU: an evicted expert's kernels may not have run yet). In-flight keys stay pinned in the cache until the main thread reaps them,
+demand for a key still queued behind other prefetches is stolen and loaded at once: demand always beats
+prefetch. On CUDA the worker stages records in pinned host buffers and copies them on a dedicated stream;
+compute waits only on the event of the expert it needs, and a copy into a slot waits only on the event
+recorded after the compute that last read the slot (the CPU runs ahead of the GPU: an evicted expert's
+kernels may not have run yet). In-flight keys stay pinned in the cache until the main thread reaps them,
 so a slot is never handed out twice.
 """
 from __future__ import annotations

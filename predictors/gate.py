@@ -165,20 +165,19 @@ class GatePredictor(BasePredictor):
         E = self.num_experts
         if self.width <= self.top_k:  # the router's selection is the answer, in the router's own order
             # (by routing score, which differs from logit order only where a bias steers selection)
-            routed = [self.route(t, hidden)[0].reshape(-1) for t in targets]
-            rows = torch.stack(routed).tolist() if len(routed) > 1 else [routed[0].tolist()]
+            rows = _rows([self.route(t, hidden)[0].reshape(-1) for t in targets])
             return {t: list(dict.fromkeys(e for e in row if 0 <= e < E)) for t, row in zip(targets, rows)}
         short = [self._logit_topk[t] if self.logit_topk(t) else None for t in targets]
         if all(short):  # the selection is the top-k logits, so the ranking is the top-`width` logits, in order
             h = hidden.reshape(1, -1)
-            top = [torch.topk(F.linear(h, w, b), self.width, dim=-1).indices.reshape(-1) for w, b, _ in short]
-            return dict(zip(targets, torch.stack(top).tolist() if len(top) > 1 else [top[0].tolist()]))
+            return dict(zip(targets, _rows([torch.topk(F.linear(h, w, b), self.width, dim=-1).indices.reshape(-1)
+                                            for w, b, _ in short])))
         parts = []
         for t in targets:
             index, logits = self.route(t, hidden)
             by_logit = torch.argsort(logits.float().reshape(-1), descending=True, stable=True)
             parts.append(torch.cat([by_logit, index.reshape(-1).to(by_logit.dtype)]))
-        rows = torch.stack(parts).tolist()  # one device sync for all targets
+        rows = _rows(parts)
         out = {}
         for t, row in zip(targets, rows):
             chosen = {e for e in row[E:] if 0 <= e < E}
@@ -187,3 +186,8 @@ class GatePredictor(BasePredictor):
             ranked += [e for e in row[:E] if e not in chosen]
             out[t] = ranked[: max(n, self.width)]
         return out
+
+
+def _rows(parts: list[Tensor]) -> list[list[int]]:
+    """Equal-length id tensors as lists, with one device sync for all of them."""
+    return torch.stack(parts).tolist() if len(parts) > 1 else [parts[0].tolist()]
