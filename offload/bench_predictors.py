@@ -8,7 +8,8 @@ replaced by a scorer that runs every predictor under test on the same forward pa
 anything (so generation is exactly the model's). Each prediction made inside layer l for a target layer t
 is scored when layer t routes in the same step (`PredictorScore`): recall@k = share of the experts t really
 selected found in the first k predicted ids. A target a predictor says nothing about scores recall 0 (nothing
-would be prefetched). Decode steps (one token) are the headline; prefill passes are scored separately over the whole predicted list.
+would be prefetched). Decode steps (one token) are the headline; prefill passes are scored separately over the
+whole predicted list.
 The oracle replays a routing trace recorded by a first pass over the same prompt: its recall must be 1.0.
 
 `prefetch` is `offload-bench run` with lists of lookaheads, on the disk tier, where every miss is a read from
