@@ -86,6 +86,12 @@ class ScoringPredictor:
         """Lookahead-0 entries predict here, at the layer's entry (see `predictors.base`)."""
         self._ask(layer, hidden, entry=True)
 
+    def attended(self, layer: int, out) -> None:
+        """A decoder layer's attention output, for the lookahead-0 entries that use it."""
+        for p in self.entries.values():
+            if getattr(p, "entry", False) and hasattr(p, "attended"):
+                p.attended(layer, out)
+
     def predict(self, layer: int, hidden):
         self._ask(layer, hidden, entry=False)
         return {}
@@ -138,7 +144,7 @@ def score_predictors(model_dir: Path, texts: list[str], max_new_tokens: int, loo
     import torch
 
     from offload.bench import _prompt_ids
-    from offload.layer_entry import hook_layer_entries
+    from offload.layer_entry import hook_attention_outputs, hook_layer_entries
     from offload.model import OffloadedModel
     from predictors import OraclePredictor, find_routers, make_predictor
 
@@ -158,7 +164,8 @@ def score_predictors(model_dir: Path, texts: list[str], max_new_tokens: int, loo
         gen = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
         scorer = None
         enter = lambda layer, h: scorer.enter(layer, h) if scorer and e.predictor is scorer else None  # noqa: E731
-        hooks = hook_layer_entries(model.model, layers, enter)
+        attended = lambda layer, o: scorer.attended(layer, o) if scorer and e.predictor is scorer else None  # noqa: E731
+        hooks = hook_layer_entries(model.model, layers, enter) + hook_attention_outputs(model.model, layers, attended)
         tokens = decode_steps = 0
         for i, text in enumerate(texts):
             ids = _prompt_ids(model, text, prompt_tokens, seed=i)
@@ -302,6 +309,24 @@ def _decode_run(model, ids, n: int, uncached: bool) -> dict:
             "prefetch_issued": d["issued"], "prefetch_useful": d["useful"]}
 
 
+def _seat_oracles(model_dir: Path, ids, n: int, seats: list) -> None:
+    """Record the routing of greedily generating n tokens from `ids`, and make each (model, lookahead) in
+    `seats` prefetch exactly that routing: the measured ceiling of prefetch at that lookahead (the oracle does
+    not wrap to the next token, so at d >= 1 it never predicts the first MoE layer)."""
+    import torch
+
+    from offload.model import OffloadedModel
+    from predictors import OraclePredictor
+
+    with OffloadedModel.from_pretrained(model_dir, trace=True) as rec:
+        rec.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                     attention_mask=torch.ones_like(ids))
+        experts = rec.trace().experts
+    for m, d in seats:
+        e = m.engine
+        e.set_predictor(OraclePredictor(experts, e.moe_layers, e.num_experts, e.top_k, lookahead=d))
+
+
 def _quartiles(xs: list[float]) -> tuple[float, float]:
     """(first, third) quartile; a single sample is both."""
     if len(xs) < 2:
@@ -357,7 +382,9 @@ def prefetch_command(
                     for p in ([None] if pr == "none" else floors):
                         name = (f"{_label(c)} ({slots}) {pr}" + ("" if pr == "none" else f" d={d}")
                                 + ("" if p is None or len(floors) == 1 else f" p>={p:g}"))
-                        o = dict(cache_experts=slots, predictor=None if pr == "none" else pr, lookahead=d)
+                        # the oracle takes a gate's seat (same hooks, same loader), then replays the routing
+                        o = dict(cache_experts=slots, predictor={"none": None, "oracle": "gate"}.get(pr, pr),
+                                 lookahead=d)
                         if p is not None:
                             o["prefetch_min_precision"] = p
                         configs.append((name, o, (_label(c), pr)))
@@ -373,6 +400,9 @@ def prefetch_command(
         try:
             ids = _prompt_ids(models[0], prompt or DEFAULT_PROMPTS[0], 32)
             models[0].generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+            if "oracle" in preds:
+                _seat_oracles(model_dir, ids, max_new_tokens + 1,
+                              [(m, o["lookahead"]) for m, (_, o, g) in zip(models, configs) if g and g[1] == "oracle"])
             for m in models:
                 measure_decode(m, ids, 1, cold=True)  # discarded: first-call costs stay out of the medians
             samples: list[list[dict]] = [[] for _ in configs]

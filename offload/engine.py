@@ -39,6 +39,7 @@ class Engine:
         # it forgets as fast per token as one shared average did.
         self._precision_rate = min(1.0, PRECISION_EMA * len(moe_layers))
         self._targets = getattr(predictor, "targets", None)  # target layers of a prediction at a layer
+        self._attended = getattr(predictor, "attended", None) if self.entry else None
         self._predicted: dict[int, list[int]] = {}  # target layer -> experts predicted for it this step
         # A prefetch may only displace experts not used during the last pass over the layers (one decode
         # token). A guess is right ~60-80% of the time, and a recently used expert is reused often enough
@@ -140,6 +141,12 @@ class Engine:
         if self.entry:
             self._predict(layer, hidden, decode=hidden.reshape(-1, hidden.shape[-1]).shape[0] == 1)
 
+    def attended(self, layer: int, out: torch.Tensor) -> None:
+        """Decoder layer `layer`'s attention output [B, T, H] (a forward hook calls this), for predictors that
+        use it (`GatePredictor.attended`)."""
+        if self._attended is not None:
+            self._attended(layer, out)
+
     def _observe(self, layer: int, hidden, top_k_index, top_k_weights) -> None:
         if self.tracer is not None:
             self.tracer.record(layer, top_k_index, top_k_weights)
@@ -201,6 +208,15 @@ class Engine:
             hit = len(guess.intersection(chosen)) / len(guess)
             p = self._precision.get(layer, 1.0)
             self._precision[layer] = p + self._precision_rate * (hit - p)
+
+    def set_predictor(self, predictor) -> None:
+        """Swap the predictor for one asked at the same place (layer entry or MoE input): the entry hooks are
+        installed at load time. The benchmark uses it to put a trace-replaying oracle in a gate's seat."""
+        if bool(getattr(predictor, "entry", False)) != self.entry:
+            raise ValueError("the new predictor must have the same lookahead kind (0 or >= 1) as the old one")
+        self.predictor, self._targets = predictor, predictor.targets
+        self._attended = getattr(predictor, "attended", None)
+        self.reset_prediction()
 
     def reset_prediction(self) -> None:
         """Forget what prediction learned (predictor state, precision, recent uses): the next run starts cold."""

@@ -1,8 +1,10 @@
-"""Layer-entry hooks: the residual stream entering a decoder layer, before its attention.
+"""Layer-entry hooks: the residual stream entering a decoder layer, before its attention, and what that
+attention adds to it.
 
-Lookahead-0 predictors read it (`Engine.enter`). A forward pre-hook on transformers' own decoder layer
-module, `<...>.layers.<i>`, sees the stream as its first positional argument or as `hidden_states`, the
-name every architecture we load uses.
+Lookahead-0 predictors read both (`Engine.enter`, `Engine.attended`). A forward pre-hook on transformers' own
+decoder layer module, `<...>.layers.<i>`, sees the stream as its first positional argument or as
+`hidden_states`, the name every architecture we load uses; a forward hook on its `self_attn` child sees the
+attention output as the first value returned (every architecture we load names the child so).
 """
 from __future__ import annotations
 
@@ -40,3 +42,19 @@ def hook_layer_entries(model: nn.Module, layers: list[int], fn: Callable[[int, t
         return pre
 
     return [modules[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in layers]
+
+
+def hook_attention_outputs(model: nn.Module, layers: list[int], fn: Callable[[int, torch.Tensor], None]) -> list:
+    """Call fn(layer, attention output [B, T, H]) as the `self_attn` of each decoder layer in `layers` returns;
+    layers without one are skipped. Returns the hook handles."""
+    modules = decoder_layers(model)
+
+    def hook(layer: int):
+        def post(module, args, out):
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            if isinstance(out, torch.Tensor):
+                fn(layer, out)
+        return post
+
+    return [modules[i].self_attn.register_forward_hook(hook(i)) for i in layers
+            if i in modules and isinstance(getattr(modules[i], "self_attn", None), nn.Module)]

@@ -25,7 +25,7 @@ from offload.convert import codec_for, open_store
 from offload.engine import Engine
 from offload.errors import OffloadError
 from offload.experts import offloaded_class
-from offload.layer_entry import hook_layer_entries
+from offload.layer_entry import hook_attention_outputs, hook_layer_entries
 from offload.plan import MemoryPlan, make_plan
 from offload.slots import SlotPool
 from offload.source import CheckpointSource, open_checkpoint
@@ -82,6 +82,7 @@ class OffloadedModel:
                         min_precision=cfg.prefetch_min_precision, worker=worker)
         if engine.entry:
             hook_layer_entries(model, moe_layers, engine.enter)
+            hook_attention_outputs(model, moe_layers, engine.attended)
         for module in model.modules():
             if getattr(module, "layer_idx", None) is not None and hasattr(module, "engine"):
                 module.engine = engine

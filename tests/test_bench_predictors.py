@@ -75,6 +75,22 @@ def test_prefetch_smoke(app, tiny_dir, tmp_path):
     assert r.exit_code == 2 and "--min-precision takes numbers" in r.output and "Traceback" not in r.output
 
 
+def test_prefetch_oracle_rows_replay_the_recorded_routing(app, tiny_dir, tmp_path):
+    """`--predictor oracle` prefetches the routing recorded for the same greedy decode: at lookahead 0 every
+    expert it fetches is used (the measured ceiling of prefetch), and it names which rows it is."""
+    js = tmp_path / "pf.json"
+    r = runner.invoke(app, ["prefetch", str(tiny_dir("mixtral")), "--store-dir", str(tmp_path / "s"), "--capacity",
+                            "0.5", "--predictor", "none,oracle", "--lookahead", "0,1", "--max-new-tokens", "6",
+                            "--repeats", "2", "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(js.read_text())["rows"]
+    assert [x["config"] for x in rows] == ["all resident", "0.5 (12) none", "0.5 (12) oracle d=0", "0.5 (12) oracle d=1"]
+    assert [x["predictor"] for x in rows] == ["none", "none", "oracle", "oracle"]
+    d0 = rows[2]
+    assert d0["prefetch_issued"] > 0 and d0["prefetch_useful"] == d0["prefetch_issued"], d0
+    assert d0["hit_rate"] > rows[1]["hit_rate"]
+
+
 @pytest.mark.parametrize("predictor", ["gate", "previous", "frequency"])
 def test_prefetch_is_lossless_on_the_disk_tier(predictor, tiny_dir, tmp_path):
     """Every predictor, lookahead 0, 1 and 2, a cache of 8 of 24 experts, disk store: same tokens as no prefetch."""

@@ -53,7 +53,8 @@ def test_greedy_identical_at_min_quarter_and_full_capacity(arch, tiny_dir, tmp_p
 @pytest.mark.parametrize("arch", ARCHS)
 def test_layer_entry_prediction_is_lossless_and_prefetches(arch, tiny_dir):
     """Gate lookahead 0 (each layer's router on the residual stream entering it) in every architecture: the
-    layer-entry hooks find the stream, prefetches are issued, and the tokens stay transformers' own."""
+    layer-entry hooks find the stream and the attention outputs, prefetches are issued, and the tokens stay
+    transformers' own."""
     path = tiny_dir(arch)
     ids = prompt()
     want = greedy(reference(path), ids)
@@ -63,6 +64,8 @@ def test_layer_entry_prediction_is_lossless_and_prefetches(arch, tiny_dir):
     with OffloadedModel.from_pretrained(path, cache_experts=total // 4, predictor="gate", lookahead=0) as m:
         assert torch.equal(greedy(m, ids), want), f"{arch}: tokens differ from transformers with gate d=0"
         assert m.stats()["prefetch_issued"] > 0
+        # every MoE layer's attention output reached the predictor (added to the next token's entry guess)
+        assert set(m.engine.predictor._attention) == set(m.engine.moe_layers), arch
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "llama4_text"])

@@ -204,6 +204,36 @@ def test_lookahead_zero_predicts_the_layer_itself_with_its_own_router():
     assert not GatePredictor(routers, [0, 2, 3], 8, 2, lookahead=1).entry
 
 
+def test_lookahead_zero_adds_the_last_attention_output_and_keeps_the_better_guess(captured):
+    """At lookahead 0 the gate guesses twice, from the entry stream alone and with the last token's attention
+    output added, and answers with the guess that has been right more often at that layer (a tie: attention)."""
+    arch, model, routers, ins, sel = captured
+    E, k = dims(routers)
+    for width in (k, k + 2):  # the router's own order, and the wide ranking (short path or full forward)
+        gp = GatePredictor(routers, list(routers), E, k, lookahead=0, width=width)
+        for layer in routers:
+            x, chosen = ins[layer], sel[layer].long()
+            overlap = lambda ab: len(set(chosen[ab[0]].tolist()) & set(chosen[ab[1]].tolist()))  # noqa: E731
+            a, b = min(((a, b) for a in range(len(x)) for b in range(len(x))), key=overlap)
+            assert overlap((a, b)) < k
+            plain = gp.predict(layer, x[a:a + 1])[layer]            # no attention output seen yet
+            assert set(plain[:k]) == set(chosen[a].tolist()), arch
+            gp.attended(layer, (x[b:b + 1] - x[a:a + 1]).reshape(1, 1, -1))
+            with_attention = gp.predict(layer, x[a:a + 1])[layer]   # stream + attention = token b's input
+            assert set(with_attention[:k]) == set(chosen[b].tolist()), arch
+            assert len(with_attention) == width
+            for _ in range(2):                                      # twice the plain guess is the right one
+                gp.observe(layer, chosen[a:a + 1])
+                assert gp.predict(layer, x[a:a + 1])[layer] == plain
+            gp.observe(layer, chosen[b:b + 1])                      # once attention: plain is still ahead
+            assert gp.predict(layer, x[a:a + 1])[layer] == plain
+            gp.observe(layer, chosen[b:b + 1])                      # twice: attention is ahead
+            assert gp.predict(layer, x[a:a + 1])[layer] == with_attention
+        gp.reset()  # a new sequence: no attention output to add
+        layer = next(iter(routers))
+        assert set(gp.predict(layer, ins[layer][:1])[layer][:k]) == set(sel[layer][0].tolist())
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "gpt_oss", "llama4_text"])
 def test_gate_route_exact_in_bfloat16(arch):
     model = tiny_model(arch).to(torch.bfloat16)
