@@ -1,7 +1,7 @@
 """offload-bench predictors / prefetch: how well each expert predictor guesses, and what prefetch buys.
 
   offload-bench predictors MODEL_DIR --max-new-tokens 64 --lookahead 1,2,3 --width 2 --json pred.json
-  offload-bench prefetch MODEL_DIR --store-dir D --capacity 0.25,0.5 --predictor none,previous,gate --lookahead 1,2
+  offload-bench prefetch MODEL_DIR --store-dir D --capacity 0.25,0.5 --predictor none,gate,oracle --lookahead 0,1
 
 `predictors` generates greedily (as many experts resident as memory allows) with the engine's predictor
 replaced by a scorer that runs every predictor under test on the same forward passes, without prefetching
@@ -16,7 +16,8 @@ The oracle replays a routing trace recorded by a first pass over the same prompt
 the device: the store is read with O_DIRECT (the engine's default), or with `--no-direct-io` buffered, its
 pages dropped from the OS page cache (posix_fadvise DONTNEED) before every timed generation and, by default,
 after every record read. Dropping only the record read leaves the kernel's readahead of its neighbours in
-the page cache, so buffered numbers are warmer than a cold disk.
+the page cache, so buffered numbers are warmer than a cold disk. `--predictor oracle` prefetches the routing
+recorded for the same decode: what a perfect predictor at that lookahead would buy on this machine.
 
 `register(app)` adds both subcommands to an existing typer app (offload-bench).
 """
@@ -379,7 +380,7 @@ def prefetch_command(
             slots = min(total, slots_for(c, total))
             for pr in preds:
                 for d in ([1] if pr == "none" else looks):
-                    for p in ([None] if pr == "none" else floors):
+                    for p in ([None] if pr in ("none", "oracle") else floors):  # the oracle is never paused
                         name = (f"{_label(c)} ({slots}) {pr}" + ("" if pr == "none" else f" d={d}")
                                 + ("" if p is None or len(floors) == 1 else f" p>={p:g}"))
                         # the oracle takes a gate's seat (same hooks, same loader), then replays the routing

@@ -29,12 +29,12 @@ from offload.errors import OffloadError
 
 QUEUED, RUNNING, STOLEN, DONE, FAILED = range(5)
 POLL_SECONDS = 0.05  # how often a main process waiting on a job checks that the loader is still alive
-# Both processes spin on the rings for a while before sleeping on a semaphore. Waking a sleeping process
-# costs an inter-processor interrupt, on a VM a VM exit: 20-30 us per job measured here, about a tenth of
-# what a prefetched demo expert saves. Decode submits a job every layer (~1.5 ms on the demo), so the loader
-# spins through a generation and sleeps when it ends (OpenMP's workers do the same, for 200 ms).
-LOADER_SPIN_SECONDS = 0.005
-WAIT_SPIN_SECONDS = 0.002
+# Neither process spins on the rings: each sleeps on a semaphore as soon as it has nothing to do. Waking a
+# sleeper costs an inter-processor interrupt (20-30 us per job on this VM), but spinning costs more on two
+# CPUs: a loader spinning between jobs competes with the kernel's disk completions and with the main process.
+# Measured with gate d=0 prefetch, disk tier, 25% (one-off script, paired rounds): demo model 0.99x -> 1.03x of
+# no prefetch (15 rounds), 4x-wide demo 0.98x/1.01x -> 1.02x/1.02x with the stall 3.9/3.4 -> 3.2/3.1 ms/token
+# (two pairs of 15 rounds), where the loader spun for 5 ms after each job and a waiting main process for 2 ms.
 
 Fill = Callable[[tuple[int, int], int], int]  # (key, slot) -> bytes read from the store
 
@@ -111,10 +111,8 @@ class LoaderProcess:
         """(seq, bytes, seconds, error) of finished jobs: those ready now, and with `until`, every one up to
         and including job `until` (blocking until it is done)."""
         self._read_done()
-        spin_until = time.perf_counter() + WAIT_SPIN_SECONDS
         while until is not None and not self._has(until):
-            if time.perf_counter() >= spin_until:
-                self._sleep(until)
+            self._sleep(until)
             self._read_done()
         out, self._replies = self._replies, []
         return out
@@ -123,7 +121,7 @@ class LoaderProcess:
         return any(c[0] == seq for c in self._replies)
 
     def _sleep(self, until: int) -> None:
-        """Wait on the completion semaphore (after spinning); raise if the loader died without job `until`."""
+        """Wait on the completion semaphore; raise if the loader died without job `until`."""
         _drain(self._sh.finished)
         self._read_done()
         if self._has(until) or self._sh.finished.acquire(timeout=POLL_SECONDS):
@@ -197,18 +195,13 @@ def _serve(sh: _Shared, errors, fill: Fill) -> None:
     import torch
 
     torch.set_num_threads(1)  # the main process computes; this one only reads and decodes
-    tail, idle_since = 0, None
+    tail = 0
     while not sh.stop.value:
         if tail == sh.jobs_head.value:
-            now = time.perf_counter()
-            idle_since = idle_since or now
-            if now - idle_since > LOADER_SPIN_SECONDS:
-                _drain(sh.work)  # posts of jobs already taken must not wake us again
-                if tail == sh.jobs_head.value:
-                    sh.work.acquire()  # a wake-up through a pipe would pull this process onto the main one's CPU
-                idle_since = None
+            _drain(sh.work)  # posts of jobs already taken must not wake us again
+            if tail == sh.jobs_head.value:
+                sh.work.acquire()  # a wake-up through a pipe would pull this process onto the main one's CPU
             continue
-        idle_since = None
         with sh.lock:
             slot = sh.jobs[tail % len(sh.jobs)]
             tail += 1
