@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from predictors.base import column_score, rank_by_count
 from predictors import (PREDICTORS, FrequencyPredictor, GatePredictor, NullPredictor, OraclePredictor, Predictor,
                         PredictorScore, PreviousPredictor, find_routers, make_predictor, precision, recall_at_k,
                         useful_prefetch_rate)
@@ -341,6 +342,15 @@ def test_oracle_known_answer():
     with pytest.raises(ValueError, match="trace"):
         OraclePredictor(trace, [1, 3], 8, 2)
     assert OraclePredictor(torch.as_tensor(trace), [1, 3, 4], 8).top_k == 2
+    # one-token answers (plain Python) rank as the general path does, repeated ids and padding included
+    g = torch.Generator().manual_seed(0)
+    rnd = torch.randint(-1, 9, (50, 3, 3), generator=g)
+    p = OraclePredictor(rnd, [1, 3, 4], num_experts=8, lookahead=2)
+    for step in range(50):
+        p.seek(step)
+        want = {t: rank_by_count(rnd[step, i:i + 1], 8, column_score(rnd[step, i:i + 1], 8))
+                for i, t in ((1, 3), (2, 4))}
+        assert p.predict(1, one) == {t: r for t, r in want.items() if r}, step
 
 
 def test_registry_and_protocol():
