@@ -17,13 +17,15 @@ the device: the store is read with O_DIRECT (the engine's default), or with `--n
 pages dropped from the OS page cache (posix_fadvise DONTNEED) before every timed generation and, by default,
 after every record read. Dropping only the record read leaves the kernel's readahead of its neighbours in
 the page cache, so buffered numbers are warmer than a cold disk. `--predictor oracle` prefetches the routing
-recorded for the same decode: what a perfect predictor at that lookahead would buy on this machine.
+recorded for the same decode: what a perfect predictor at that lookahead would buy on this machine. With
+`none`, a second identical no-prefetch configuration runs as a control: its ratio is the run's noise floor.
 
 `register(app)` adds both subcommands to an existing typer app (offload-bench).
 """
 from __future__ import annotations
 
 import json
+import random
 import statistics
 import time
 from pathlib import Path
@@ -389,6 +391,8 @@ def prefetch_command(
                         if p is not None:
                             o["prefetch_min_precision"] = p
                         configs.append((name, o, (_label(c), pr)))
+                        if pr == "none":  # the same configuration again: this run's noise floor, in its own row
+                            configs.append((name + " again (control)", dict(o), (_label(c), "control")))
         models = []
         direct = False
         with out.status("loading configurations ..."):
@@ -407,9 +411,14 @@ def prefetch_command(
             for m in models:
                 measure_decode(m, ids, 1, cold=True)  # discarded: first-call costs stay out of the medians
             samples: list[list[dict]] = [[] for _ in configs]
-            for _ in range(repeats):
-                for i, m in enumerate(models):
-                    samples[i].append(_decode_run(m, ids, max_new_tokens, uncached))
+            # each round in its own shuffled order: a configuration that always ran right after another kept
+            # that one's after-effects (demo, 25%: `previous` d=0/d=1, which does no prefetching, measured
+            # 0.80x-0.90x of no prefetch in three runs while always 1-4 places after it)
+            for r in range(repeats):
+                order = list(range(len(models)))
+                random.Random(r).shuffle(order)
+                for i in order:
+                    samples[i].append(_decode_run(models[i], ids, max_new_tokens, uncached))
         finally:
             for m in models:
                 m.close()

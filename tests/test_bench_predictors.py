@@ -58,9 +58,11 @@ def test_prefetch_smoke(app, tiny_dir, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads(js.read_text())
     rows = res["rows"]
-    assert [x["config"] for x in rows] == ["all resident", "0.25 (6) none", "0.25 (6) gate d=0 p>=0.5",
-                                           "0.25 (6) gate d=0 p>=1", "0.25 (6) gate d=1 p>=0.5", "0.25 (6) gate d=1 p>=1"]
-    assert [x.get("prefetch_min_precision") for x in rows[2:]] == [0.5, 1.0, 0.5, 1.0]
+    assert [x["config"] for x in rows] == ["all resident", "0.25 (6) none", "0.25 (6) none again (control)",
+                                           "0.25 (6) gate d=0 p>=0.5", "0.25 (6) gate d=0 p>=1",
+                                           "0.25 (6) gate d=1 p>=0.5", "0.25 (6) gate d=1 p>=1"]
+    assert [x["predictor"] for x in rows] == ["none", "none", "control"] + ["gate"] * 4
+    assert [x.get("prefetch_min_precision") for x in rows[3:]] == [0.5, 1.0, 0.5, 1.0]
     assert res["direct_io"] is True  # pytest's tmp is a local filesystem with O_DIRECT
     assert rows[1]["vs_no_prefetch"] == 1.0 and all(x["tok_s"] > 0 for x in rows)
     # 'vs no prefetch' is the median of per-round ratios against the same round's no-prefetch run
@@ -84,9 +86,10 @@ def test_prefetch_oracle_rows_replay_the_recorded_routing(app, tiny_dir, tmp_pat
                             "--repeats", "2", "--json", str(js)])
     assert r.exit_code == 0, r.output
     rows = json.loads(js.read_text())["rows"]
-    assert [x["config"] for x in rows] == ["all resident", "0.5 (12) none", "0.5 (12) oracle d=0", "0.5 (12) oracle d=1"]
-    assert [x["predictor"] for x in rows] == ["none", "none", "oracle", "oracle"]
-    d0 = rows[2]
+    assert [x["config"] for x in rows] == ["all resident", "0.5 (12) none", "0.5 (12) none again (control)",
+                                           "0.5 (12) oracle d=0", "0.5 (12) oracle d=1"]
+    assert [x["predictor"] for x in rows] == ["none", "none", "control", "oracle", "oracle"]
+    d0 = rows[3]
     assert d0["prefetch_issued"] > 0 and d0["prefetch_useful"] == d0["prefetch_issued"], d0
     assert d0["hit_rate"] > rows[1]["hit_rate"]
 
