@@ -411,13 +411,16 @@ def prefetch_command(
             for m in models:
                 measure_decode(m, ids, 1, cold=True)  # discarded: first-call costs stay out of the medians
             samples: list[list[dict]] = [[] for _ in configs]
-            # each round in its own shuffled order: a configuration that always ran right after another kept
-            # that one's after-effects (demo, 25%: `previous` d=0/d=1, which does no prefetching, measured
-            # 0.80x-0.90x of no prefetch in three runs while always 1-4 places after it)
+            # each round in its own shuffled order, so that no configuration always runs right after the same
+            # one: whatever a run leaves behind (a loader process, the disk's queue) spreads over every row
             for r in range(repeats):
                 order = list(range(len(models)))
                 random.Random(r).shuffle(order)
                 for i in order:
+                    for other in models:  # one loader process at a time (see Prefetcher.stop_loader)
+                        if other is not models[i]:
+                            other.engine.prefetcher.stop_loader()
+                    models[i].engine.prefetcher.start_loader()  # forked before the clock starts
                     samples[i].append(_decode_run(models[i], ids, max_new_tokens, uncached))
         finally:
             for m in models:

@@ -168,6 +168,27 @@ def test_a_dead_loader_process_is_a_clear_error():
     pf.close()
 
 
+def test_the_loader_process_stops_and_starts_again_with_loads_intact():
+    if not fork_available():
+        pytest.skip("needs fork")
+    cache, slots, pf = make(StampStore(3), 4, "process")
+    pf.start_loader()
+    first = pf._loader._proc
+    assert first.is_alive()
+    pf.submit([(0, 1), (0, 2)])
+    pf.stop_loader()  # lets both loads land first
+    assert pf._loader is None and not first.is_alive() and pf.in_flight() == 0 and not cache.pinned()
+    for key in [(0, 1), (0, 2)]:
+        assert tuple(slots.buf[cache.slot(key), :2].tolist()) == key
+    pf.submit([(1, 3)])  # a fresh loader process
+    assert pf._loader is not None and pf._loader._proc is not first
+    slot = pf.fetch((1, 3))
+    assert tuple(slots.buf[slot, :2].tolist()) == (1, 3)
+    assert pf.stats.prefetch_issued == 3 and pf.stats.prefetch_useful == 1
+    pf.close()
+    assert stopped(pf)
+
+
 class FastStore(StampStore):
     def read_into(self, key, out: torch.Tensor) -> int:
         out[0], out[1] = key[0] % 256, key[1] % 256
