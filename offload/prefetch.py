@@ -163,8 +163,8 @@ class Prefetcher:
     def stop_loader(self) -> None:
         """Let every load land and stop the loader process; the next prefetch starts a fresh one. A process
         holding several models runs one loader at a time this way: with 10 other models' loaders idle in the
-        same process, demand reads of a model with shared slots took 13-40% longer (0.8B Mixtral, disk tier,
-        one-off script), and not at all longer once those loaders were stopped."""
+        same process, demand reads of a model with shared slots took 7-40% longer (0.8B Mixtral, disk tier,
+        one-off script, two runs), and -8% to +1% with those loaders stopped or never started."""
         self.drain()
         if self._loader is not None:
             self._loader.close()
