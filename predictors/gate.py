@@ -96,7 +96,9 @@ class GatePredictor(BasePredictor):
         if short is None:
             return self._forward(layer, hidden)
         weight, bias, k = short
-        logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
+        # in the weight's dtype, as the check compared (DeepSeek-V2 keeps an fp32 router under bf16 since
+        # transformers 5.24)
+        logits = F.linear(hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype), weight, bias)
         return torch.topk(logits, k, dim=-1).indices, logits
 
     def logit_topk(self, layer: int) -> bool:
@@ -209,7 +211,8 @@ class GatePredictor(BasePredictor):
                     for t, row in zip(targets, rows)}
         short = [self._logit_topk[t] if self.logit_topk(t) else None for t in targets]
         if all(short):  # the selection is the top-k logits, so the ranking is the top-`width` logits, in order
-            rows = _rows([torch.topk(F.linear(h, w, b), self.width, dim=-1).indices.reshape(-1) for w, b, _ in short])
+            rows = _rows([torch.topk(F.linear(h.to(w.dtype), w, b), self.width, dim=-1).indices.reshape(-1)
+                          for w, b, _ in short])
             return {t: _split(row, R) for t, row in zip(targets, rows)}
         parts = []
         for t in targets:
