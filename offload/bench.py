@@ -341,6 +341,15 @@ def _timed(model, ids, n: int, cold: bool) -> tuple[float, dict]:
     return seconds, _snapshot(model)
 
 
+def loader_for(models: list, model) -> None:
+    """Before timing `model`: stop every other model's loader process and fork its own now, so one loader is
+    alive at a time and no fork lands inside a timing (see `Prefetcher.stop_loader`)."""
+    for other in models:
+        if other is not model:
+            other.engine.prefetcher.stop_loader()
+    model.engine.prefetcher.start_loader()
+
+
 def measure_decode(model, ids, n: int, cold: bool = True) -> dict:
     """Decode-only numbers for n tokens: (N+1 new tokens) minus (1 new token), both from the same state."""
     t1, s1 = _timed(model, ids, 1, cold)
@@ -404,6 +413,7 @@ def run(
             profs = []
             for _ in range(repeats):
                 for i, m in enumerate(models):
+                    loader_for(models, m)
                     samples[i].append(measure_decode(m, ids, max_new_tokens, cold=i > 0))
                 with out.status("calibrating the cost model ..."):
                     profs.append(cm.calibrate_local(config, eng.store, eng.store.keys()[::3][:16], seconds=0.1,

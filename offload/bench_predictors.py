@@ -360,7 +360,8 @@ def prefetch_command(
 ) -> None:
     """Real decode from the disk tier: no prefetch vs each predictor and lookahead, side by side, medians."""
     from cache.simulate import slots_for
-    from offload.bench import _capacities, _guard, _label, _prompt_ids, _split, _total_experts, measure_decode
+    from offload.bench import (_capacities, _guard, _label, _prompt_ids, _split, _total_experts, loader_for,
+                               measure_decode)
     from offload.model import OffloadedModel
 
     def go():
@@ -417,10 +418,7 @@ def prefetch_command(
                 order = list(range(len(models)))
                 random.Random(r).shuffle(order)
                 for i in order:
-                    for other in models:  # one loader process at a time (see Prefetcher.stop_loader)
-                        if other is not models[i]:
-                            other.engine.prefetcher.stop_loader()
-                    models[i].engine.prefetcher.start_loader()  # forked before the clock starts
+                    loader_for(models, models[i])
                     samples[i].append(_decode_run(models[i], ids, max_new_tokens, uncached))
         finally:
             for m in models:
