@@ -343,7 +343,8 @@ def prefetch_command(
     store_dir: Path = typer.Option(..., help="disk store directory (converted on first use)"),
     capacity: Optional[list[str]] = typer.Option(None, help="cache sizes: fractions or slot counts "
                                                  "[default: 0.25,0.5]"),
-    predictor: Optional[list[str]] = typer.Option(None, help="predictors [default: none,previous,gate]"),
+    predictor: Optional[list[str]] = typer.Option(None, help="predictors, oracle included (the recorded routing: "
+                                                  "the ceiling) [default: none,previous,gate]"),
     lookahead: Optional[list[str]] = typer.Option(None, help="lookaheads for every predictor but none [default: 1,2]"),
     policy: str = typer.Option("lru", help="eviction policy"),
     width: Optional[int] = typer.Option(None, help="prefetch width (experts per predicted layer) [default: top-k]"),
@@ -370,6 +371,9 @@ def prefetch_command(
         torch.set_num_threads(threads)
         caps = _capacities(capacity, "0.25,0.5")
         preds = _split(predictor) or ["none", "previous", "gate"]
+        bad = [n for n in preds if n not in ("none", *PREDICTOR_NAMES)]
+        if bad:
+            raise ValueError(f"unknown predictor(s) {bad}; choose from none, {', '.join(PREDICTOR_NAMES)}")
         looks = _ints(lookahead, "1,2")
         try:
             floors = [float(x) for x in _split(min_precision)] or [None]

@@ -75,6 +75,9 @@ def test_prefetch_smoke(app, tiny_dir, tmp_path):
     r = runner.invoke(app, ["prefetch", str(tiny_dir("mixtral")), "--store-dir", str(tmp_path / "s"),
                             "--min-precision", "half"])
     assert r.exit_code == 2 and "--min-precision takes numbers" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["prefetch", str(tiny_dir("mixtral")), "--store-dir", str(tmp_path / "s"),
+                            "--predictor", "none,nope"])
+    assert r.exit_code == 2 and "unknown predictor(s) ['nope']" in r.output and "oracle" in r.output
 
 
 def test_prefetch_oracle_rows_replay_the_recorded_routing(app, tiny_dir, tmp_path):
