@@ -3,7 +3,7 @@
 Pure Python (no torch): the policies and the simulator run on traces anywhere.
 """
 from cache.expert_cache import CacheFull, CacheStats, ExpertCache, Key
-from cache.policies import POLICIES, CachePolicy, make_policy
+from cache.policies import POLICIES, CachePolicy, make_policy, policy_for
 from cache.simulate import SimResult, hit_rate_curve, replay
 from cache.trace import Trace
 
@@ -15,6 +15,7 @@ __all__ = [
     "POLICIES",
     "CachePolicy",
     "make_policy",
+    "policy_for",
     "SimResult",
     "hit_rate_curve",
     "replay",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Set
+from collections.abc import Callable, Sequence, Set
 from typing import Protocol
 
 from cache.belady import Belady  # these import from this module only lazily (no import cycle)
@@ -168,3 +168,21 @@ def make_policy(name: str, **kwargs) -> CachePolicy:
     if name not in POLICIES:
         raise ValueError(f"unknown cache policy {name!r}; choose one of: {', '.join(sorted(POLICIES))}")
     return POLICIES[name](**kwargs)
+
+
+def policy_for(name: str, capacity: int, layers: Sequence[int], top_k: int, future: list[Key] | None = None,
+               **overrides) -> CachePolicy:
+    """The policy of a cache of `capacity` slots serving MoE `layers` with top-k routing. The engine and the
+    simulator both build theirs here, so a replay measures the engine's own policy. `future` is the access order
+    Belady's MIN needs (a recorded trace); explicit `overrides` win over the derived arguments."""
+    derived: dict = {}
+    if name == "belady":
+        if future is None:
+            raise ValueError("the belady policy needs the future routing, so it only runs on recorded traces "
+                             "(offload-bench policies)")
+        derived = {"future": future, "strict": True}
+    elif name == "layer_quota":
+        derived = {"capacity": capacity, "layers": list(layers)}
+    elif name in ("lfru", "score"):  # they age per token: one token = top_k uses in every MoE layer
+        derived = {"uses_per_token": float(top_k * len(layers))}
+    return make_policy(name, **{**derived, **overrides})

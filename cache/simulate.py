@@ -20,7 +20,7 @@ from numbers import Integral, Real
 import numpy as np
 
 from cache.expert_cache import ExpertCache
-from cache.policies import CachePolicy, Key, make_policy
+from cache.policies import CachePolicy, Key, policy_for
 from cache.trace import Trace
 
 Prefetch = Callable[[int, int], Iterable[int]]  # (token, layer column) -> expert ids to prefetch
@@ -68,32 +68,16 @@ class SimResult:
         }
 
 
-def _future(trace: Trace, capacity: int, layers: list[int], batched: bool = False) -> dict:
-    keep = set(layers)
-    return {"future": [k for k in trace.keys(batched) if k[0] in keep], "strict": True}
-
-
-# Policy arguments that only the trace can supply: (trace, capacity, layers the cache serves) -> kwargs.
-TRACE_KWARGS: dict[str, Callable[[Trace, int, list[int]], dict]] = {
-    "belady": _future,
-    "layer_quota": lambda trace, capacity, layers: {"capacity": capacity, "layers": layers},
-    "lfru": lambda trace, capacity, layers: {"uses_per_token": trace.top_k * len(layers)},
-    "score": lambda trace, capacity, layers: {"uses_per_token": trace.top_k * len(layers)},
-}
-
-
 def build_policy(name: str, trace: Trace, capacity: int, layers: Sequence[int] | None = None,
                  batched: bool = False, **kwargs) -> CachePolicy:
-    """`make_policy` with the trace-derived arguments filled in (explicit kwargs win).
+    """`policy_for` with what only the trace knows filled in: its top-k and, for Belady, its future.
 
     batched: the replay groups tokens into engine steps (`Trace.steps(batched=True)`); Belady's
     future must follow that access order."""
     layers = list(trace.moe_layers if layers is None else layers)
-    if name == "belady" and batched:
-        auto = _future(trace, capacity, layers, batched=True)
-    else:
-        auto = TRACE_KWARGS[name](trace, capacity, layers) if name in TRACE_KWARGS else {}
-    return make_policy(name, **{**auto, **kwargs})
+    keep = set(layers)
+    future = [k for k in trace.keys(batched) if k[0] in keep] if name == "belady" else None
+    return policy_for(name, capacity, layers, trace.top_k, future=future, **kwargs)
 
 
 def slots_for(capacity: int | float, pool: int) -> int:

@@ -28,7 +28,7 @@ class Trace:
 
     prompt_boundaries: token index where each prompt starts; prefill_tokens: prompt length of each
     prompt (its first tokens are prefill, the rest decode). step_index: [T] the forward call (engine
-    step) each token belonged to, as `offload.trace.Tracer` records it. The last three only matter for
+    step) each token belonged to, as `offload.engine.tracer.Tracer` records it. The last three only matter for
     `steps(batched=True)`, which groups tokens the way the engine computed them.
     """
 

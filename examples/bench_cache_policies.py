@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from typer.testing import CliRunner
 
-os.environ.setdefault("COLUMNS", "160")  # before offload.bench builds its console: wide tables
-from offload.bench import app  # noqa: E402
+os.environ.setdefault("COLUMNS", "160")  # before offload.bench.common builds its console: wide tables
+from offload.bench.app import app  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "offload" / "demo_model"
 

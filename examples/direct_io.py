@@ -21,8 +21,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from offload.convert import build_store
-from offload.store import DiskStore, aligned_buffer
+from offload.store.convert import build_store
+from offload.store.disk import DiskStore, aligned_buffer
 
 DEMO = Path(__file__).resolve().parents[1] / "offload" / "demo_model"
 

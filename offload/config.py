@@ -77,7 +77,7 @@ class OffloadConfig:
             if self.cache_memory <= 0:
                 raise OffloadError("cache_memory must be positive, e.g. 2GiB")
         if self.bits not in (None, 16):
-            from offload.codec import format_rule
+            from offload.formats.record import format_rule
 
             format_rule(self.bits)(0, 0)  # parses every entry: bad formats fail here, with the fix named
             if self.store != "disk":

@@ -18,18 +18,18 @@ import transformers
 from transformers import AutoModelForCausalLM
 from transformers.monkey_patching import register_patch_mapping, unregister_patch_mapping
 
-from cache import ExpertCache, Trace, make_policy
-from offload.arch import Arch
+from cache import ExpertCache, Trace, policy_for
+from offload.store.arch import Arch
 from offload.config import OffloadConfig
-from offload.convert import codec_for, open_store
-from offload.engine import Engine
+from offload.store.convert import codec_for, open_store
+from offload.engine.step import Engine
 from offload.errors import OffloadError
-from offload.experts import offloaded_class
-from offload.layer_entry import hook_attention_outputs, hook_layer_entries
+from offload.engine.experts import offloaded_class
+from offload.engine.hooks import hook_attention_outputs, hook_layer_entries
 from offload.plan import MemoryPlan, make_plan
-from offload.slots import SlotPool
-from offload.source import CheckpointSource, open_checkpoint
-from offload.trace import Tracer
+from offload.engine.slots import SlotPool
+from offload.store.source import CheckpointSource, open_checkpoint
+from offload.engine.tracer import Tracer
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
@@ -164,20 +164,16 @@ def _shutdown(engine: Engine) -> None:
 
 
 def make_cache_policy(name: str, capacity: int, moe_layers: list[int], top_k: int):
-    """The engine's policy object; the simulator builds the same one (`cache.simulate.build_policy`)."""
-    if name == "belady":
-        raise OffloadError("the belady policy needs the future routing, so it only runs on recorded traces "
-                           "(offload-bench policies); choose lru, lfu, lfru, score or layer_quota")
-    if name == "layer_quota":
-        return make_policy(name, capacity=capacity, layers=moe_layers)
-    if name in ("lfru", "score"):  # they age per token: one token = top_k uses in every MoE layer
-        return make_policy(name, uses_per_token=float(top_k * len(moe_layers)))
-    return make_policy(name)
+    """The engine's policy object, built as the simulator builds it (`cache.policy_for`)."""
+    try:
+        return policy_for(name, capacity, moe_layers, top_k)
+    except ValueError as e:
+        raise OffloadError(str(e)) from None
 
 
 def _prefetch_worker(cfg: OffloadConfig, device: torch.device) -> str:
     """The loader process where it can run (a predictor prefetches, CPU slots, Linux fork), else a thread."""
-    from offload.loader import fork_available
+    from offload.engine.loader import fork_available
 
     if cfg.prefetch_worker == "process" and not fork_available():
         raise OffloadError("prefetch_worker='process' needs Linux (fork); use prefetch_worker='thread'")

@@ -12,7 +12,7 @@ import torch
 
 from offload.config import OffloadConfig
 from offload.errors import OffloadError
-from offload.source import CheckpointSource
+from offload.store.source import CheckpointSource
 
 HEADROOM = 0.10          # of the device budget, kept free for activations and the allocator
 MIN_HEADROOM = 256 << 20

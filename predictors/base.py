@@ -1,4 +1,4 @@
-"""The Predictor protocol, the shared plumbing of the predictors, and the registry.
+"""The Predictor protocol and the shared plumbing of the predictors (the registry is in `predictors/__init__`).
 
 A predictor is asked, inside MoE layer `layer` and before that layer's experts run, which experts the next
 MoE layers will want, so that their bytes can be fetched while this layer computes:
@@ -18,8 +18,7 @@ before attention), and its one target is `layer` itself. The attention block's c
 from __future__ import annotations
 
 import bisect
-import inspect
-from typing import Callable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -126,38 +125,3 @@ class NullPredictor(BasePredictor):
 
     def predict(self, layer: int, hidden: Tensor) -> dict[int, list[int]]:
         return {}
-
-
-# Filled at the bottom of this module: gate.py and history.py import BasePredictor from here.
-PREDICTORS: dict[str, Callable[..., Predictor]] = {}
-
-
-def make_predictor(name: str, **kw) -> Predictor:
-    """Build the predictor registered as `name`.
-
-    Keyword arguments that this predictor does not take but another registered one does (e.g. `routers`
-    for `previous`, `trace` for `gate`) are dropped, so an engine can pass one superset of context to any
-    name. A keyword no registered predictor takes is a TypeError (a typo, not context).
-    """
-    if name not in PREDICTORS:
-        raise ValueError(f"unknown predictor {name!r}; choose one of {sorted(PREDICTORS)}")
-    ctor = PREDICTORS[name]
-    accepted = _params(ctor)
-    known = set().union(*(_params(c) for c in PREDICTORS.values()))
-    unknown = sorted(set(kw) - known)
-    if unknown:
-        raise TypeError(f"no predictor takes {unknown}; {name!r} takes {sorted(accepted)}")
-    return ctor(**{k: v for k, v in kw.items() if k in accepted})
-
-
-def _params(ctor) -> set[str]:
-    sig = inspect.signature(ctor)
-    return {p.name for p in sig.parameters.values()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
-
-
-from predictors.gate import GatePredictor  # noqa: E402  (they subclass BasePredictor, defined above)
-from predictors.history import FrequencyPredictor, OraclePredictor, PreviousPredictor  # noqa: E402
-
-PREDICTORS.update({"none": NullPredictor, "gate": GatePredictor, "previous": PreviousPredictor,
-                   "frequency": FrequencyPredictor, "oracle": OraclePredictor})

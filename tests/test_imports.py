@@ -35,3 +35,69 @@ def test_packages_come_from_one_installation():
 
     roots = {Path(m.__file__).resolve().parent.parent for m in (cache, offload, predictors)}
     assert len(roots) == 1, f"cache/offload/predictors load from different places: {roots}"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("offload", "cache", "predictors")
+
+
+def _imports() -> dict[str, list[tuple[str, list[str]]]]:
+    """{module: [(imported module, names imported from it)]} for every module of the three packages."""
+    import ast
+
+    found = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            rel = path.relative_to(ROOT).with_suffix("")
+            name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+            edges = []
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    edges.append((node.module, [a.name for a in node.names]))
+                elif isinstance(node, ast.Import):
+                    edges += [(a.name, []) for a in node.names]
+            found[name] = [(m, names) for m, names in edges if m.split(".")[0] in PACKAGES]
+    return found
+
+
+def test_no_module_imports_another_modules_private_names():
+    bad = [f"{mod} imports {n} from {src}" for mod, edges in _imports().items() for src, names in edges
+           for n in names if n.startswith("_") and src != mod]
+    assert not bad, bad
+
+
+def test_no_import_cycles_at_module_level():
+    """Module-level imports only (function-level ones run late and cannot deadlock an import)."""
+    import ast
+
+    graph: dict[str, set[str]] = {}
+    modules = set(_imports())
+    for mod in modules:
+        parts = mod.split(".")
+        path = ROOT.joinpath(*parts)
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        deps = set()
+        for node in ast.parse(path.read_text()).body:  # top level only
+            targets = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            # a package's __init__ re-exporting its submodules is the registry pattern, not a cycle
+            deps |= {t for t in targets if t in modules and t != mod and not t.startswith(mod + ".")}
+        graph[mod] = deps
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for dep in graph[node]:
+                if dep == start:
+                    return path + [start]
+                if dep not in seen:
+                    seen.add(dep)
+                    stack.append((dep, path + [dep]))
+        return None
+
+    cycles = [c for m in sorted(graph) if (c := cycle_from(m))]
+    assert not cycles, cycles

@@ -16,7 +16,7 @@ PROBE = """
 import json, sys, torch
 import offload, transformers                        # imports are not part of the measurement
 from offload import OffloadedModel
-from offload.convert import build_store
+from offload.store.convert import build_store
 
 def hwm():
     for line in open("/proc/self/status"):

@@ -1,0 +1,34 @@
+"""offload-convert: stream a checkpoint's experts into a checksummed disk store (bounded memory, resumable)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from offload.cli.common import bits_option, fail, run_app
+from offload.errors import OffloadError
+
+convert_app = typer.Typer(add_completion=False, help="Convert a checkpoint's experts into a disk store.")
+
+
+@convert_app.command()
+def convert(
+    model_dir: Path = typer.Argument(..., help="Hugging Face checkpoint directory"),
+    out: Path = typer.Option(..., "--out", "-o", help="store directory to write (resumes if interrupted)"),
+    bits: Optional[str] = typer.Option(None, help="expert format: 16, 8, 4, 3, 2, ternary, int4-g64, ternary-z90, ..."),
+    dtype: str = typer.Option("bfloat16", help="dtype of dense records"),
+) -> None:
+    """Stream the experts into a checksummed store, one at a time (bounded memory, resumable)."""
+    from offload.store.convert import build_store
+
+    try:
+        summary = build_store(model_dir, out, bits=bits_option(bits), dtype=dtype)
+    except OffloadError as e:
+        fail(str(e))
+    Console().print(summary)
+
+
+def main() -> None:
+    run_app(convert_app)

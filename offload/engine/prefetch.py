@@ -1,0 +1,353 @@
+"""Prefetcher: the only place that moves expert bytes between tiers.
+
+`submit(keys)` starts loads in the background (skipping resident or in-flight keys); `fetch(key)` returns
+a ready slot, demand-loading on a miss. On CPU, loads run in a forked loader process writing into the
+shared slot pool (`offload.engine.loader`: a thread would fight the main thread for the GIL at every torch op);
+on CUDA, and where fork is unavailable, on a worker thread (store reads and copies release the GIL). A
+demand for a key still queued behind other prefetches is stolen and loaded at once: demand always beats
+prefetch. On CUDA the worker stages records in pinned host buffers and copies them on a dedicated stream;
+compute waits only on the event of the expert it needs, and a copy into a slot waits only on the event
+recorded after the compute that last read the slot (the CPU runs ahead of the GPU: an evicted expert's
+kernels may not have run yet). In-flight keys stay pinned in the cache until the main thread reaps them,
+so a slot is never handed out twice.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+import torch
+
+from cache import CacheFull, ExpertCache, Key
+from offload.errors import OffloadError
+from offload.engine.slots import SlotPool
+from offload.store.disk import aligned_buffer
+from offload.engine.stats import EngineStats
+
+QUEUED, RUNNING, DONE, STOLEN = range(4)
+_STOP = object()
+
+
+class _Job:
+    __slots__ = ("done", "error", "event", "key", "lock", "seq", "slot", "state")
+
+    def __init__(self, key: Key, slot: int, threaded: bool = True) -> None:
+        self.key, self.slot, self.state = key, slot, QUEUED
+        # a worker thread's handshake (a loader process keeps its job states in shared memory instead)
+        self.lock, self.done = (threading.Lock(), threading.Event()) if threaded else (None, None)
+        self.error: BaseException | None = None
+        self.event = None  # CUDA event recorded after the copy
+        self.seq = 0  # the loader process's job number
+
+
+class Prefetcher:
+    def __init__(self, store, cache: ExpertCache, slots: SlotPool, stats: EngineStats,
+                 transform: Callable[[Key, torch.Tensor, torch.Tensor], None] | None = None,
+                 staging_buffers: int = 4, worker: str = "thread") -> None:
+        """`transform(key, record, slot)` turns a stored record into its resident form (None: a plain copy).
+        `worker`: "thread", or "process" (CPU only; `slots` must be shared, see SlotPool)."""
+        self.store, self.cache, self.slots, self.stats, self.transform = store, cache, slots, stats, transform
+        self.cuda = slots.device.type == "cuda"
+        self._jobs: dict[Key, _Job] = {}
+        self._finished: deque[_Job] = deque()
+        self._prefetched: set[Key] = set()  # prefetched and not used yet
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+        if worker not in ("thread", "process"):
+            raise ValueError(f"worker must be 'thread' or 'process', got {worker!r}")
+        if worker == "process" and (self.cuda or not slots.shared):
+            raise ValueError("a loader process needs CPU slots in shared memory (SlotPool(shared=True))")
+        self.worker = worker
+        self._loader = None  # LoaderProcess, started with the first prefetch
+        self._by_seq: dict[int, _Job] = {}
+        self._stats_lock = threading.Lock()
+        if self.cuda:
+            nbytes = store.buffer_bytes
+            self._copy_stream = torch.cuda.Stream(device=slots.device)
+            self._staging = [self._pinned(nbytes) for _ in range(staging_buffers + 1)]
+            self._staging_events: list = [None] * len(self._staging)
+            self._next_staging = 0
+            self._staging_lock = threading.Lock()
+            # Per slot, recorded on the compute stream after each use: kernels queued on an expert may still
+            # be reading its slot when the CPU evicts it, so a copy into the slot first waits for this.
+            self._slot_free = [torch.cuda.Event() for _ in range(slots.capacity)]
+        else:
+            self._scratch = {}  # per thread: a record buffer for stores whose records need a transform
+
+    # --- the main thread's API --------------------------------------------------------------------
+    def fetch(self, key: Key, uses: int = 1, weight: float = 0.0) -> int:
+        """Slot index holding `key`, ready to compute with; counts one hit or one miss for its first use."""
+        self._reap()
+        job = self._jobs.get(key)
+        try:
+            slot, hit = self.cache.access(key, uses, weight)
+        except CacheFull:  # every slot is held by loads in flight: let them land, then there is room
+            self.drain()
+            slot, hit = self.cache.access(key, uses, weight)
+        if key in self._prefetched:  # a hit on it is a useful prefetch; a miss means it was evicted unused
+            self._prefetched.discard(key)
+            self.stats.prefetch_useful += hit
+        if job is not None:
+            self._finish(job)
+        elif not hit:
+            t0 = time.perf_counter()
+            try:
+                self._wait_event(self._load(key, slot))
+            except BaseException:
+                self.cache.remove(key)
+                raise
+            self.stats.stall_seconds += time.perf_counter() - t0
+        return slot
+
+    def used(self, slot: int) -> None:
+        """The compute for `slot`'s expert is queued (CUDA): a later load into the slot waits for it to run."""
+        if self.cuda:
+            self._slot_free[slot].record(torch.cuda.current_stream(self.slots.device))
+
+    def submit(self, keys: Iterable[Key], protect: Callable[[Key], bool] | None = None) -> None:
+        """Start loading `keys` in the background; a key that cannot get a slot without evicting a key
+        `protect` accepts is dropped (costs nothing)."""
+        self._reap()
+        for key in keys:
+            if key in self.cache or key in self._jobs:
+                continue
+            slot = self.cache.insert_prefetch(key, protect=protect)
+            if slot is None:
+                self.stats.prefetch_dropped += 1
+                continue
+            self.cache.pin(key)
+            job = self._jobs[key] = _Job(key, slot, threaded=self.worker == "thread")
+            self._prefetched.add(key)
+            if self.worker == "process":
+                self.start_loader()
+                try:
+                    job.seq = self._loader.submit(key, slot)
+                except OffloadError:  # the loader died: undo this job, then say so
+                    self._undo(job)
+                    raise
+                if not job.seq:  # its job ring is full: drop this prefetch
+                    self._undo(job)
+                    continue
+                self._by_seq[job.seq] = job
+            else:
+                self._ensure_worker()
+                self._queue.put(job)
+            self.stats.prefetch_issued += 1
+
+    def cancel(self, key: Key) -> bool:
+        """Withdraw the prefetch of `key` if the worker has not started it (the router just chose otherwise):
+        its read would only delay the demand loads of this layer on the same disk. True if withdrawn."""
+        job = self._jobs.get(key)
+        if job is None or not self._take_back(job):
+            return False
+        self._forget(job)
+        self.stats.prefetch_cancelled += 1
+        return True
+
+    def drain(self) -> None:
+        """Wait for every in-flight prefetch (used before reading stats or shutting down)."""
+        for job in list(self._jobs.values()):
+            self._finish(job)
+
+    def start_loader(self) -> None:
+        """Start the loader process now rather than at the first prefetch (a benchmark keeps the fork out of
+        its timings); nothing to do with a worker thread."""
+        if self.worker == "process" and self._loader is None:
+            from offload.engine.loader import LoaderProcess
+
+            self._loader = LoaderProcess(self._fill, self.cache.capacity)
+
+    def stop_loader(self) -> None:
+        """Let every load land and stop the loader process; the next prefetch starts a fresh one. A process
+        holding several models runs one loader at a time this way: with 10 other models' loaders idle in the
+        same process, demand reads of a model with shared slots took 7-40% longer (0.8B Mixtral, disk tier,
+        one-off script, two runs), and -8% to +1% with those loaders stopped or never started."""
+        self.drain()
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
+
+    def in_flight(self) -> int:
+        return len(self._jobs)
+
+    def pending_unused(self) -> int:
+        """Prefetched keys still resident (or in flight) and not used yet."""
+        return sum(1 for k in self._prefetched if k in self.cache)
+
+    def close(self) -> None:
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
+        if self._worker is not None:
+            self._queue.put(_STOP)
+            self._worker.join(timeout=10)
+            self._worker = None
+        for job in list(self._jobs.values()):  # never started: release their pins
+            if job.state in (QUEUED, STOLEN) or (job.done is not None and job.done.is_set()):
+                self._release(job)
+
+    # --- internals --------------------------------------------------------------------------------
+    def _finish(self, job: _Job) -> None:
+        if self.worker == "process" and job.seq not in self._by_seq:  # reaped already (drain walks a snapshot)
+            return
+        stolen = self._take_back(job)
+        t0 = time.perf_counter()
+        if stolen:
+            try:
+                self._wait_event(self._load(job.key, job.slot))
+            except BaseException as e:
+                job.error = e
+        elif self.worker == "process":
+            self._reap(until=job.seq)  # releases this job (the `_release` below is then a no-op)
+        else:
+            job.done.wait()
+            self._wait_event(job.event)
+        self.stats.stall_seconds += time.perf_counter() - t0
+        self._release(job)
+
+    def _take_back(self, job: _Job) -> bool:
+        """Take `job` back if the worker has not started it (True): then the caller loads it, or nobody does."""
+        if self.worker == "process":
+            taken = self._loader.steal(job.slot)
+            if taken:  # no completion will come for it
+                del self._by_seq[job.seq]
+            return taken
+        with job.lock:
+            taken = job.state == QUEUED
+            if taken:
+                job.state = STOLEN
+        return taken
+
+    def _forget(self, job: _Job) -> None:
+        """Drop a job that will never be read, and its slot."""
+        del self._jobs[job.key]
+        self._prefetched.discard(job.key)
+        self.cache.unpin(job.key)
+        self.cache.remove(job.key)
+
+    def _undo(self, job: _Job) -> None:
+        """Forget a job the worker never got (counted as dropped, not issued)."""
+        self._forget(job)
+        self.stats.prefetch_dropped += 1
+
+    def _release(self, job: _Job) -> None:
+        if self._jobs.get(job.key) is job:
+            del self._jobs[job.key]
+            self.cache.unpin(job.key)
+        if job.error is not None:
+            self.cache.remove(job.key) if job.key in self.cache else None
+            self._prefetched.discard(job.key)
+            err, job.error = job.error, None
+            if isinstance(err, OffloadError):
+                raise err
+            raise RuntimeError(f"loading expert {job.key} failed in the prefetch worker: {err}") from err
+
+    def _reap(self, until: int | None = None) -> None:
+        if self._loader is not None:
+            jobs = []
+            for seq, n, seconds, error in self._loader.completions(until):
+                job = self._by_seq.pop(seq)
+                job.error = error
+                self._count(n, seconds)
+                jobs.append(job)
+            failed = None
+            for job in jobs:  # release every one before raising the first error
+                try:
+                    self._release(job)
+                except BaseException as e:
+                    failed = failed or e
+            if failed is not None:
+                raise failed
+            return
+        while self._finished:
+            job = self._finished.popleft()
+            self._wait_event(job.event)
+            self._release(job)
+
+    def _wait_event(self, event) -> None:
+        """Make the compute stream wait for one copy (CUDA); nothing to do on CPU."""
+        if event is not None:
+            torch.cuda.current_stream(self.slots.device).wait_event(event)
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._run, name="moe-offload-prefetch", daemon=True)
+            self._worker.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is _STOP:
+                return
+            with job.lock:
+                if job.state != QUEUED:
+                    continue
+                job.state = RUNNING
+            try:
+                job.event = self._load(job.key, job.slot)
+            except BaseException as e:  # surfaces in the main thread, with its cause
+                job.error = e
+            job.state = DONE
+            self._finished.append(job)
+            job.done.set()
+
+    def _load(self, key: Key, slot: int):
+        """Read `key` from the store into `slot`; returns a CUDA event on GPU (None on CPU)."""
+        t0 = time.perf_counter()
+        if self.cuda:
+            event, n = self._load_cuda(key, slot)
+        else:
+            event, n = None, self._fill(key, slot)
+        self._count(n, time.perf_counter() - t0)
+        return event
+
+    def _fill(self, key: Key, slot: int) -> int:
+        """CPU: the record of `key` into `slot`, in its resident form; returns the bytes read from the store."""
+        if self.transform is None:
+            return self.store.read_into(key, self.slots.raw(slot))
+        record = self._thread_scratch()
+        n = self.store.read_into(key, record)
+        self.transform(key, record, self.slots.raw(slot))
+        return n
+
+    def _count(self, nbytes: int, seconds: float) -> None:
+        with self._stats_lock:
+            self.stats.bytes_loaded[self.store.tier] += nbytes
+            self.stats.loads += 1
+            self.stats.load_seconds += seconds
+
+    def _thread_scratch(self) -> torch.Tensor:
+        tid = threading.get_ident()
+        buf = self._scratch.get(tid)
+        if buf is None:
+            buf = self._scratch[tid] = aligned_buffer(self.store.buffer_bytes)
+        return buf
+
+    def _pinned(self, nbytes: int) -> torch.Tensor:
+        try:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError:  # pinning refused: pageable staging still works, without overlap
+            return torch.empty(nbytes, dtype=torch.uint8)
+
+    def _load_cuda(self, key: Key, slot: int) -> tuple[torch.cuda.Event, int]:
+        with self._staging_lock:
+            i = self._next_staging
+            self._next_staging = (i + 1) % len(self._staging)
+            if self._staging_events[i] is not None:
+                self._staging_events[i].synchronize()  # the previous copy out of this buffer is done
+        staging = self._staging[i]
+        n = self.store.read_into(key, staging)
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_event(self._slot_free[slot])  # the slot's previous expert is computed
+            dst = self.slots.raw(slot)
+            if self.transform is None:
+                dst.copy_(staging, non_blocking=True)
+            else:
+                self.transform(key, staging, dst)
+            event = torch.cuda.Event()
+            event.record(self._copy_stream)
+        self._staging_events[i] = event
+        return event, n
