@@ -346,7 +346,8 @@ def record_coding(store_dir: Path, source, arch, fmt: str) -> dict:
 
     from offload.formats.record import MATRICES, RecordCodec, format_rule
     from offload.formats.quant import dequantize, entropy_bits, unpack_codes
-    from offload.store.disk import LZMA_FILTERS, DiskStore
+    from offload.store.codec import LZMA_FILTERS
+    from offload.store.disk import DiskStore
 
     store = DiskStore(store_dir)
     codec = RecordCodec(source.layout, format_rule(fmt), arch.transposed, torch.device("cpu"))

@@ -13,41 +13,21 @@ from __future__ import annotations
 
 import errno
 import json
-import lzma
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import lz4.block
 import torch
 
 from offload.errors import OffloadError
 from offload.store.source import CheckpointSource
 from offload.formats.record import RecordCodec, format_rule
-from offload.store.disk import ALIGN, ALIGN_MIN, DATA, INDEX, LZMA_FILTERS, STORE_VERSION, DiskStore, RamStore, checksum
+from offload.store.codec import compress
+from offload.store.disk import ALIGN, ALIGN_MIN, DATA, INDEX, STORE_VERSION, DiskStore, RamStore, checksum
 
 JOURNAL = "journal.json"
 PARTIAL = DATA + ".partial"
-
-PAYS = 0.95  # store a record compressed only when that saves more than 5% of its bytes
-
-
-def _compress(record: memoryview, try_lzma: bool) -> tuple[memoryview | bytes, str | None]:
-    """(bytes to write, codec): lz4 where it measurably pays, then lzma where it beats that (or raw) too.
-    lzma only for kinds that ask for it (sparse ternary): it decodes at ~25-45 MB/s against lz4's GB/s and
-    compresses at a few MB/s; it would shave 6-11% off int8..int2 records (and ~20% off the tiny test models'
-    bf16 ones) at the cost of every hot-tier load."""
-    best, codec = record, None
-    packed = lz4.block.compress(record, store_size=False)
-    if len(packed) <= PAYS * len(record):
-        best, codec = packed, "lz4"
-    if try_lzma:
-        packed = lzma.compress(record, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
-        if len(packed) <= PAYS * len(best):
-            best, codec = packed, "lzma"
-    return best, codec
-
 
 def _return_big_buffers_to_the_os() -> None:
     """Ask glibc to mmap (and on free, unmap) every buffer of 1 MiB or more. Without this its dynamic
@@ -125,7 +105,7 @@ def convert(source: CheckpointSource, store_dir: Path, settings: dict, codec: Re
                 fmt, layout, tensors = encode(key, source.read(key))
                 layout.pack(tensors, buf[: layout.nbytes])
                 lzma_too = codec is not None and codec.entropy_coded(fmt)
-                data, how = _compress(memoryview(buf[: layout.nbytes].numpy()), lzma_too)
+                data, how = compress(memoryview(buf[: layout.nbytes].numpy()), lzma_too)
                 if len(data) >= ALIGN_MIN and end % ALIGN:  # long records start aligned: direct reads, no bounce
                     f.write(bytes(-end % ALIGN))
                     end += -end % ALIGN

@@ -22,30 +22,22 @@ from __future__ import annotations
 
 import errno
 import json
-import lzma
 import os
 import threading
 from pathlib import Path
 from typing import NamedTuple
 
-import lz4.block
 import torch
 import xxhash
 
 from offload.errors import OffloadError
+from offload.store.codec import CodecError, decode
 from offload.store.layout import ExpertLayout
 from offload.store.source import CheckpointSource, Key
 
 INDEX = "index.json"
 DATA = "experts.bin"
 STORE_VERSION = 2  # 2: xxh3-64 record checksums (1 used crc32, 10x slower to verify), variable-length records
-
-# Raw LZMA2 without container or check (each record has its xxh3) and without literal context (lc = lp = pb =
-# 0): sparse ternary codes are i.i.d., so context bits only split the statistics. On the demo's ternary-z90
-# records: 0.647 bits/param, vs xz's defaults 0.717 and the codes' order-0 entropy + scales 0.638.
-LZMA_FILTERS = ({"id": lzma.FILTER_LZMA2, "preset": 6, "dict_size": 1 << 20, "lc": 0, "lp": 0, "pb": 0,
-                 "nice_len": 273},)
-
 
 ALIGN = 4096          # direct-I/O alignment: covers 512-byte and 4 KiB logical blocks
 ALIGN_MIN = 64 << 10  # records this long start on an ALIGN boundary (padding costs them < 6.25%)
@@ -68,13 +60,6 @@ def checksum(data) -> int:
     """A record's checksum: xxh3-64 (~27 GB/s here vs crc32's ~3 GB/s, so verifying every read stays cheap
     next to the read itself)."""
     return xxhash.xxh3_64_intdigest(data)
-
-
-def decode(codec: str, data, raw_bytes: int) -> bytes:
-    """A compressed record's stored bytes -> its `raw_bytes` record bytes (codec 'lz4' or 'lzma')."""
-    if codec == "lz4":
-        return lz4.block.decompress(data, uncompressed_size=raw_bytes)
-    return lzma.decompress(data, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
 
 
 class Record(NamedTuple):
@@ -194,7 +179,7 @@ class DiskStore:
             raw = self.layouts[r.fmt].nbytes
             try:
                 decoded = decode(r.codec, data, raw)
-            except (lzma.LZMAError, lz4.block.LZ4BlockError):
+            except CodecError:
                 decoded = b""
             if len(decoded) != raw:
                 raise self._corrupt(key, f"undecodable {r.codec} record")
