@@ -1,10 +1,9 @@
 """Prefetcher: the only place that moves expert bytes between tiers.
 
 `submit(keys)` starts loads in the background (skipping resident or in-flight keys); `fetch(key)` returns
-a ready slot, demand-loading on a miss. On CPU, loads run in a forked loader process writing into the
-shared slot pool (`offload.engine.loader`: a thread would fight the main thread for the GIL at every torch op);
-on CUDA, and where fork is unavailable, on a worker thread (store reads and copies release the GIL). A
-demand for a key still queued behind other prefetches is stolen and loaded at once: demand always beats
+a ready slot, demand-loading on a miss. Background loads run on a worker (`offload.engine.workers`: a
+forked loader process on CPU, a thread on CUDA and where fork is unavailable) behind one interface. A demand
+for a key still queued behind other prefetches is taken back and loaded at once: demand always beats
 prefetch. On CUDA the worker stages records in pinned host buffers and copies them on a dedicated stream;
 compute waits only on the event of the expert it needs, and a copy into a slot waits only on the event
 recorded after the compute that last read the slot (the CPU runs ahead of the GPU: an evicted expert's
@@ -13,34 +12,18 @@ so a slot is never handed out twice.
 """
 from __future__ import annotations
 
-import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 
 import torch
 
 from cache import CacheFull, ExpertCache, Key
-from offload.errors import OffloadError
 from offload.engine.slots import SlotPool
-from offload.store.disk import aligned_buffer
 from offload.engine.stats import EngineStats
-
-QUEUED, RUNNING, DONE, STOLEN = range(4)
-_STOP = object()
-
-
-class _Job:
-    __slots__ = ("done", "error", "event", "key", "lock", "seq", "slot", "state")
-
-    def __init__(self, key: Key, slot: int, threaded: bool = True) -> None:
-        self.key, self.slot, self.state = key, slot, QUEUED
-        # a worker thread's handshake (a loader process keeps its job states in shared memory instead)
-        self.lock, self.done = (threading.Lock(), threading.Event()) if threaded else (None, None)
-        self.error: BaseException | None = None
-        self.event = None  # CUDA event recorded after the copy
-        self.seq = 0  # the loader process's job number
+from offload.engine.workers import Job, ProcessWorker, ThreadWorker
+from offload.errors import OffloadError
+from offload.store.disk import aligned_buffer
 
 
 class Prefetcher:
@@ -51,19 +34,13 @@ class Prefetcher:
         `worker`: "thread", or "process" (CPU only; `slots` must be shared, see SlotPool)."""
         self.store, self.cache, self.slots, self.stats, self.transform = store, cache, slots, stats, transform
         self.cuda = slots.device.type == "cuda"
-        self._jobs: dict[Key, _Job] = {}
-        self._finished: deque[_Job] = deque()
+        self._jobs: dict[Key, Job] = {}
         self._prefetched: set[Key] = set()  # prefetched and not used yet
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._worker: threading.Thread | None = None
         if worker not in ("thread", "process"):
             raise ValueError(f"worker must be 'thread' or 'process', got {worker!r}")
         if worker == "process" and (self.cuda or not slots.shared):
             raise ValueError("a loader process needs CPU slots in shared memory (SlotPool(shared=True))")
-        self.worker = worker
-        self._loader = None  # LoaderProcess, started with the first prefetch
-        self._by_seq: dict[int, _Job] = {}
-        self._stats_lock = threading.Lock()
+        self.worker = ProcessWorker(self._fill, cache.capacity) if worker == "process" else ThreadWorker(self._load)
         if self.cuda:
             nbytes = store.buffer_bytes
             self._copy_stream = torch.cuda.Stream(device=slots.device)
@@ -95,7 +72,7 @@ class Prefetcher:
         elif not hit:
             t0 = time.perf_counter()
             try:
-                self._wait_event(self._load(key, slot))
+                self._demand(key, slot)
             except BaseException:
                 self.cache.remove(key)
                 raise
@@ -119,29 +96,23 @@ class Prefetcher:
                 self.stats.prefetch_dropped += 1
                 continue
             self.cache.pin(key)
-            job = self._jobs[key] = _Job(key, slot, threaded=self.worker == "thread")
+            job = self._jobs[key] = Job(key, slot)
             self._prefetched.add(key)
-            if self.worker == "process":
-                self.start_loader()
-                try:
-                    job.seq = self._loader.submit(key, slot)
-                except OffloadError:  # the loader died: undo this job, then say so
-                    self._undo(job)
-                    raise
-                if not job.seq:  # its job ring is full: drop this prefetch
-                    self._undo(job)
-                    continue
-                self._by_seq[job.seq] = job
-            else:
-                self._ensure_worker()
-                self._queue.put(job)
+            try:
+                queued = self.worker.submit(job)
+            except OffloadError:  # the loader died: undo this job, then say so
+                self._undo(job)
+                raise
+            if not queued:  # no room in the worker's queue: drop this prefetch
+                self._undo(job)
+                continue
             self.stats.prefetch_issued += 1
 
     def cancel(self, key: Key) -> bool:
         """Withdraw the prefetch of `key` if the worker has not started it (the router just chose otherwise):
         its read would only delay the demand loads of this layer on the same disk. True if withdrawn."""
         job = self._jobs.get(key)
-        if job is None or not self._take_back(job):
+        if job is None or not self.worker.take_back(job):
             return False
         self._forget(job)
         self.stats.prefetch_cancelled += 1
@@ -153,22 +124,15 @@ class Prefetcher:
             self._finish(job)
 
     def start_loader(self) -> None:
-        """Start the loader process now rather than at the first prefetch (a benchmark keeps the fork out of
-        its timings); nothing to do with a worker thread."""
-        if self.worker == "process" and self._loader is None:
-            from offload.engine.loader import LoaderProcess
-
-            self._loader = LoaderProcess(self._fill, self.cache.capacity)
+        """Start the worker now rather than at the first prefetch (a benchmark keeps a fork out of its timings)."""
+        self.worker.start()
 
     def stop_loader(self) -> None:
-        """Let every load land and stop the loader process; the next prefetch starts a fresh one. A process
-        holding several models runs one loader at a time this way: with 10 other models' loaders idle in the
-        same process, demand reads of a model with shared slots took 7-40% longer (0.8B Mixtral, disk tier,
-        one-off script, two runs), and -8% to +1% with those loaders stopped or never started."""
+        """Let every load land and stop a loader process; the next prefetch starts a fresh one. A process
+        holding several models runs one loader at a time this way (idle loaders of other models slow a
+        model's demand reads; docs/benchmarks/prefetch.md)."""
         self.drain()
-        if self._loader is not None:
-            self._loader.close()
-            self._loader = None
+        self.worker.stop()
 
     def in_flight(self) -> int:
         return len(self._jobs)
@@ -178,62 +142,46 @@ class Prefetcher:
         return sum(1 for k in self._prefetched if k in self.cache)
 
     def close(self) -> None:
-        if self._loader is not None:
-            self._loader.close()
-            self._loader = None
-        if self._worker is not None:
-            self._queue.put(_STOP)
-            self._worker.join(timeout=10)
-            self._worker = None
-        for job in list(self._jobs.values()):  # never started: release their pins
-            if job.state in (QUEUED, STOLEN) or (job.done is not None and job.done.is_set()):
-                self._release(job)
+        self.worker.close()
+        for job in list(self._jobs.values()):  # never started, or finished unreaped: release their pins
+            self._release(job, raise_error=False)
 
     # --- internals --------------------------------------------------------------------------------
-    def _finish(self, job: _Job) -> None:
-        if self.worker == "process" and job.seq not in self._by_seq:  # reaped already (drain walks a snapshot)
+    def _finish(self, job: Job) -> None:
+        """The main thread needs `job` now: load it here if the worker has not started it, else wait for it."""
+        if self._jobs.get(job.key) is not job:  # released already (drain walks a snapshot)
             return
-        stolen = self._take_back(job)
         t0 = time.perf_counter()
-        if stolen:
+        if self.worker.take_back(job):
             try:
-                self._wait_event(self._load(job.key, job.slot))
+                self._demand(job.key, job.slot)
             except BaseException as e:
                 job.error = e
-        elif self.worker == "process":
-            self._reap(until=job.seq)  # releases this job (the `_release` below is then a no-op)
+            self._release(job)
         else:
-            job.done.wait()
-            self._wait_event(job.event)
+            self._reap(until=job)
         self.stats.stall_seconds += time.perf_counter() - t0
-        self._release(job)
 
-    def _take_back(self, job: _Job) -> bool:
-        """Take `job` back if the worker has not started it (True): then the caller loads it, or nobody does."""
-        if self.worker == "process":
-            taken = self._loader.steal(job.slot)
-            if taken:  # no completion will come for it
-                del self._by_seq[job.seq]
-            return taken
-        with job.lock:
-            taken = job.state == QUEUED
-            if taken:
-                job.state = STOLEN
-        return taken
+    def _demand(self, key: Key, slot: int) -> None:
+        """Load `key` into `slot` on the main thread, counted, and make compute wait for it."""
+        t0 = time.perf_counter()
+        event, n = self._load(key, slot)
+        self._count(n, time.perf_counter() - t0)
+        self._wait_event(event)
 
-    def _forget(self, job: _Job) -> None:
+    def _forget(self, job: Job) -> None:
         """Drop a job that will never be read, and its slot."""
         del self._jobs[job.key]
         self._prefetched.discard(job.key)
         self.cache.unpin(job.key)
         self.cache.remove(job.key)
 
-    def _undo(self, job: _Job) -> None:
+    def _undo(self, job: Job) -> None:
         """Forget a job the worker never got (counted as dropped, not issued)."""
         self._forget(job)
         self.stats.prefetch_dropped += 1
 
-    def _release(self, job: _Job) -> None:
+    def _release(self, job: Job, raise_error: bool = True) -> None:
         if self._jobs.get(job.key) is job:
             del self._jobs[job.key]
             self.cache.unpin(job.key)
@@ -241,68 +189,37 @@ class Prefetcher:
             self.cache.remove(job.key) if job.key in self.cache else None
             self._prefetched.discard(job.key)
             err, job.error = job.error, None
+            if not raise_error:
+                return
             if isinstance(err, OffloadError):
                 raise err
             raise RuntimeError(f"loading expert {job.key} failed in the prefetch worker: {err}") from err
 
-    def _reap(self, until: int | None = None) -> None:
-        if self._loader is not None:
-            jobs = []
-            for seq, n, seconds, error in self._loader.completions(until):
-                job = self._by_seq.pop(seq)
-                job.error = error
-                self._count(n, seconds)
-                jobs.append(job)
-            failed = None
-            for job in jobs:  # release every one before raising the first error
-                try:
-                    self._release(job)
-                except BaseException as e:
-                    failed = failed or e
-            if failed is not None:
-                raise failed
-            return
-        while self._finished:
-            job = self._finished.popleft()
+    def _reap(self, until: Job | None = None) -> None:
+        """Release every job the worker has finished (with `until`, once that one is among them)."""
+        jobs = self.worker.completions(until)
+        failed = None
+        for job in jobs:  # release every one before raising the first error
+            if job.error is None:
+                self._count(job.nbytes, job.seconds)
             self._wait_event(job.event)
-            self._release(job)
+            try:
+                self._release(job)
+            except BaseException as e:
+                failed = failed or e
+        if failed is not None:
+            raise failed
 
     def _wait_event(self, event) -> None:
         """Make the compute stream wait for one copy (CUDA); nothing to do on CPU."""
         if event is not None:
             torch.cuda.current_stream(self.slots.device).wait_event(event)
 
-    def _ensure_worker(self) -> None:
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._run, name="moe-offload-prefetch", daemon=True)
-            self._worker.start()
-
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is _STOP:
-                return
-            with job.lock:
-                if job.state != QUEUED:
-                    continue
-                job.state = RUNNING
-            try:
-                job.event = self._load(job.key, job.slot)
-            except BaseException as e:  # surfaces in the main thread, with its cause
-                job.error = e
-            job.state = DONE
-            self._finished.append(job)
-            job.done.set()
-
     def _load(self, key: Key, slot: int):
-        """Read `key` from the store into `slot`; returns a CUDA event on GPU (None on CPU)."""
-        t0 = time.perf_counter()
+        """(CUDA event or None, bytes read from the store) of reading `key` into `slot`."""
         if self.cuda:
-            event, n = self._load_cuda(key, slot)
-        else:
-            event, n = None, self._fill(key, slot)
-        self._count(n, time.perf_counter() - t0)
-        return event
+            return self._load_cuda(key, slot)
+        return None, self._fill(key, slot)
 
     def _fill(self, key: Key, slot: int) -> int:
         """CPU: the record of `key` into `slot`, in its resident form; returns the bytes read from the store."""
@@ -314,10 +231,9 @@ class Prefetcher:
         return n
 
     def _count(self, nbytes: int, seconds: float) -> None:
-        with self._stats_lock:
-            self.stats.bytes_loaded[self.store.tier] += nbytes
-            self.stats.loads += 1
-            self.stats.load_seconds += seconds
+        self.stats.bytes_loaded[self.store.tier] += nbytes
+        self.stats.loads += 1
+        self.stats.load_seconds += seconds
 
     def _thread_scratch(self) -> torch.Tensor:
         tid = threading.get_ident()

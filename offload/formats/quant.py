@@ -11,10 +11,9 @@ the weights (`storage_layout`, `compute_layout`), so the engine can lay them out
 
 Formats: bf16 / fp32 (dense), int8 (symmetric per output channel, `_weight_int8pack_mm`), int4 / int3 /
 int2 (asymmetric min/max per group of G along K with a searched clipping range), ternary (per-row
-scale, codes in {-1, 0, 1}, see offload/formats/ternary.py) and ternary-zNN (the same with NN% of each row's codes
-zero: a sparse cold tier that the disk store entropy-codes with lzma). int3, int2 and the ternaries run on
-the same CPU int4 kernel (`_weight_int4pack_mm_for_cpu`, w = (q - 8) * scale + zero): their codes are a
-subset of 0..15.
+scale, codes in {-1, 0, 1}) and ternary-zNN (the same with NN% of each row's codes zero: a sparse cold tier
+that the disk store entropy-codes with lzma). Each kind is one object in offload/formats/kinds.py; the
+functions here check shapes and delegate to it.
 """
 from __future__ import annotations
 
@@ -22,17 +21,13 @@ import re
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
-from offload.formats import packing
 from offload.errors import OffloadError
-from offload.formats.groupwise import quantize_groups, range_inflation
-from offload.formats.ternary import ternarize
+from offload.formats.kinds import KINDS as KIND_OBJECTS, Int4Coded, Kind, Layout
+from offload.formats.groupwise import range_inflation
 
-Layout = list[tuple[str, tuple[int, ...], torch.dtype]]
-
-KINDS = ("bf16", "fp32", "int8", "int4", "int3", "int2", "ternary")
-GROUPED = {"int4": 4, "int3": 3, "int2": 2}  # kind -> bits
+KINDS = tuple(KIND_OBJECTS)
+GROUPED = tuple(name for name, k in KIND_OBJECTS.items() if k.grouped)  # kinds that take a group size
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 128  # "int4" means int4-g128: 4.25 bits/param, the size background.md plans with
 ADAPTIVE_THRESHOLD = 1.35  # choose_group_size: Gaussian weights score 1.25 at G=128 vs 32 at any size
@@ -63,9 +58,14 @@ class QFormat:
                               f"got {self.group_size}; group sizes apply to int4/int3/int2 only")
 
     @property
+    def kind_object(self) -> Kind:
+        """The object that carries this kind's layouts, quantizer, compute form and linear."""
+        return KIND_OBJECTS[self.kind]
+
+    @property
     def bits(self) -> int:
         """Bits per code (ternary: 2 here, log2(3) in principle; stored at 1.6, see storage_layout)."""
-        return {"bf16": 16, "fp32": 32, "int8": 8, "ternary": 2}.get(self.kind) or GROUPED[self.kind]
+        return self.kind_object.bits
 
     @property
     def entropy_coded(self) -> bool:
@@ -74,7 +74,7 @@ class QFormat:
 
     @property
     def dense(self) -> bool:
-        return self.kind in ("bf16", "fp32")
+        return self.kind_object.dense
 
     @property
     def adaptive(self) -> bool:
@@ -133,17 +133,13 @@ def resolve_format(fmt: QFormat, w: torch.Tensor) -> QFormat:
     return replace(fmt, group_size=choose_group_size(w, fmt.bits)) if fmt.adaptive else fmt
 
 
-def _ternary_group(K: int) -> int:
-    return next(g for g in (256, 128, 64, 32) if K % g == 0)  # kernel group for the row scale
-
-
 def _check(fmt: QFormat, shape) -> tuple[int, int]:
     if len(shape) != 2:
         raise FormatError(f"expected one matrix [out_features, in_features], got shape {tuple(shape)}")
     N, K = (int(d) for d in shape)
     if fmt.adaptive:
         raise FormatError(f"{fmt} has no group size yet: call resolve_format(fmt, w) (or choose_group_size) first")
-    if fmt.kind in GROUPED or fmt.kind == "ternary":
+    if isinstance(fmt.kind_object, Int4Coded):
         G = fmt.group_size or 32
         if N % 16 or K % G:
             raise FormatError(f"{fmt} needs out_features divisible by 16 and in_features by {G} (torch's CPU int4 "
@@ -151,114 +147,37 @@ def _check(fmt: QFormat, shape) -> tuple[int, int]:
     return N, K
 
 
+# ---- the operations, each delegated to the format's kind object (offload/formats/kinds.py) --------------
+
 def storage_layout(fmt: QFormat, shape) -> Layout:
     """Names, shapes and dtypes of what `quantize` returns, in record order."""
     N, K = _check(fmt, shape)
-    bf = torch.bfloat16
-    if fmt.dense:
-        return [("weight", (N, K), bf if fmt.kind == "bf16" else torch.float32)]
-    if fmt.kind == "int8":
-        return [("qweight", (N, K), torch.int8), ("scales", (N,), bf)]
-    if fmt.kind == "ternary":
-        return [("qweight", (2 * -(-N * K // 10),), torch.uint8), ("scales", (N,), bf)]
-    qsz = ("qsz", (K // fmt.group_size, N, 2), bf)
-    if fmt.kind == "int4":
-        return [("qweight", (N, K // 2), torch.uint8), qsz]
-    if fmt.kind == "int3":
-        return [("qweight", (N * K // 4,), torch.uint8), ("qhigh", (N * K // 8,), torch.uint8), qsz]
-    return [("qweight", (N * K // 4,), torch.uint8), qsz]
+    return fmt.kind_object.storage_layout(fmt, N, K)
 
 
 def compute_layout(fmt: QFormat, shape, device_type: str = "cpu") -> Layout:
     """Names, shapes and dtypes of the resident form on `device_type` ('cpu', 'cuda', ...)."""
     N, K = _check(fmt, shape)
-    if fmt.dense or (device_type == "cpu" and fmt.kind == "int8"):
-        return storage_layout(fmt, shape)
-    if device_type != "cpu":
-        return [("weight", (N, K), torch.bfloat16)]
-    G = _ternary_group(K) if fmt.kind == "ternary" else fmt.group_size
-    return [("qweight", (N, K // 2), torch.uint8), ("qsz", (K // G, N, 2), torch.bfloat16)]
+    return fmt.kind_object.compute_layout(fmt, N, K, device_type)
 
-
-# ---- quantize ------------------------------------------------------------------------------------
 
 def quantize(w: torch.Tensor, fmt: QFormat) -> dict[str, torch.Tensor]:
     """W [N, K] (any float dtype) -> the storage form, laid out as `storage_layout(fmt, w.shape)`."""
-    N, K = _check(fmt, w.shape)
+    _check(fmt, w.shape)
     w = w.detach()
-    if fmt.dense:
-        return {"weight": w.to(torch.bfloat16 if fmt.kind == "bf16" else torch.float32, copy=True).contiguous()}
-    w = w.float()
-    if fmt.kind == "int8":
-        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-20).bfloat16()
-        q = (w / scales.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-        return {"qweight": q, "scales": scales}
-    if fmt.kind == "ternary":
-        t, scale = ternarize(w, fmt.zeros / 100 if fmt.zeros else None)
-        stream = packing.kernel_order((t + 1).to(torch.uint8))            # digits 0..2, kernel order
-        return {"qweight": packing.pack_base3(stream), "scales": scale.bfloat16()}
-    bits = GROUPED[fmt.kind]
-    codes, qsz = quantize_groups(w, bits, fmt.group_size)
-    if fmt.kind == "int4":
-        return {"qweight": packing.pack_int4(codes), "qsz": qsz}
-    stream = packing.kernel_order(codes)
-    if fmt.kind == "int2":
-        return {"qweight": packing.pack_bits(stream, 2), "qsz": qsz}
-    return {"qweight": packing.pack_bits(stream & 3, 2), "qhigh": packing.pack_bits(stream >> 2, 1), "qsz": qsz}
-
-
-# ---- storage -> kernel form / dense ------------------------------------------------------------------
-
-def _kernel_form(parts, fmt: QFormat, N: int, K: int, qweight: torch.Tensor | None = None,
-                 qsz: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Storage -> (int4 kernel bytes [N, K/2] in the canonical layout, qsz [K/G, N, 2]), into the given tensors."""
-    dev = parts["qweight"].device
-    if qweight is None:
-        qweight = parts["qweight"] if fmt.kind == "int4" else torch.empty(N, K // 2, dtype=torch.uint8, device=dev)
-    flat = qweight.view(-1)
-    if fmt.kind == "int4":
-        if qweight is not parts["qweight"]:
-            qweight.copy_(parts["qweight"])
-    elif fmt.kind == "int2":
-        packing.expand_2bit(parts["qweight"], 8 - 2, flat)
-    elif fmt.kind == "int3":
-        packing.add_high_bit(parts["qhigh"], packing.expand_2bit(parts["qweight"], 8 - 4, flat))
-    else:  # ternary: digit t + 1 -> q = t + 8, group scale = row scale, zero 0
-        packing.expand_base3(parts["qweight"], 8 - 1, flat)
-    if fmt.kind == "ternary":
-        G = _ternary_group(K)
-        if qsz is None:
-            qsz = torch.empty(K // G, N, 2, dtype=torch.bfloat16, device=dev)
-        qsz[..., 0].copy_(parts["scales"].expand(K // G, N))
-        qsz[..., 1].zero_()
-    elif qsz is None:
-        qsz = parts["qsz"]
-    else:
-        qsz.copy_(parts["qsz"])
-    return qweight, qsz
+    return fmt.kind_object.quantize(fmt, w if fmt.dense else w.float())
 
 
 def dequantize(parts: dict[str, torch.Tensor], fmt: QFormat, shape) -> torch.Tensor:
     """Storage form -> fp32 W [N, K] on the parts' device (the exact values the kernels multiply with)."""
     N, K = _check(fmt, shape)
-    if fmt.dense:
-        return parts["weight"].float().view(N, K)
-    if fmt.kind == "int8":
-        return parts["qweight"].float() * parts["scales"].float()[:, None]
-    packed, qsz = _kernel_form(parts, fmt, N, K)
-    G = K // qsz.shape[0]
-    q = packing.unpack_int4(packed, N, K).float().view(N, K // G, G)
-    scale, zero = qsz.float().permute(1, 0, 2).unbind(-1)                 # [N, K/G] each
-    return ((q - 8) * scale[..., None] + zero[..., None]).view(N, K)
+    return fmt.kind_object.dequantize(fmt, parts, N, K)
 
 
 def unpack_codes(parts: dict[str, torch.Tensor], fmt: QFormat, shape) -> torch.Tensor:
     """The integer codes [N, K] of a quantized matrix: int8 values, kernel q in 0..15 for int4/3/2, or t in -1..1."""
     N, K = _check(fmt, shape)
-    if fmt.kind == "int8":
-        return parts["qweight"]
-    q = packing.unpack_int4(_kernel_form(parts, fmt, N, K)[0], N, K)
-    return q.to(torch.int8) - 8 if fmt.kind == "ternary" else q
+    return fmt.kind_object.codes(fmt, parts, N, K)
 
 
 def to_compute(parts: dict[str, torch.Tensor], fmt: QFormat, shape, device: torch.device | str = "cpu",
@@ -273,34 +192,14 @@ def to_compute(parts: dict[str, torch.Tensor], fmt: QFormat, shape, device: torc
     device = torch.device(device)
     if out is None:
         out = {name: torch.empty(s, dtype=dt, device=device) for name, s, dt in compute_layout(fmt, shape, device.type)}
-    if device.type != "cpu" and not fmt.dense:
-        parts = {k: v.to(device, non_blocking=True) for k, v in parts.items()}
-        out["weight"].copy_(dequantize(parts, fmt, shape))
-    elif fmt.dense or fmt.kind == "int8":
-        for name, t in out.items():
-            t.copy_(parts[name])
-    elif packing.native_layout() == packing.CANONICAL:
-        _kernel_form(parts, fmt, N, K, out["qweight"], out["qsz"])
-    else:  # this CPU's kernel wants another row blocking: expand, then repack (~3 ms for 1024x3584)
-        packed, qsz = _kernel_form(parts, fmt, N, K, qsz=out["qsz"])
-        out["qweight"].copy_(packing.relayout_int4(packed, N, K, packing.CANONICAL, packing.native_layout()))
+    fmt.kind_object.to_compute(fmt, parts, N, K, device, out)
     return out
 
 
 def qlinear(x: torch.Tensor, resident: dict[str, torch.Tensor], fmt: QFormat, shape) -> torch.Tensor:
     """y = x @ W.T for x [..., K] -> [..., N] in x.dtype. CPU kernels take bf16 activations (fp32 is 10-50x slower)."""
     N, K = (int(d) for d in shape)
-    x2 = x.reshape(-1, K)
-    if "weight" in resident:
-        w = resident["weight"]
-        y = F.linear(x2.to(w.dtype), w)
-    elif fmt.kind == "int8":
-        y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), resident["qweight"],
-                                               resident["scales"])
-    else:
-        qsz = resident["qsz"]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), resident["qweight"],
-                                                       K // qsz.shape[0], qsz)
+    y = fmt.kind_object.linear(x.reshape(-1, K), resident, N, K)
     return y.to(x.dtype).view(*x.shape[:-1], N)
 
 

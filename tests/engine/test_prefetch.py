@@ -28,7 +28,7 @@ def make(store, capacity: int, worker: str, stats: EngineStats | None = None):
 
 
 def stopped(pf: Prefetcher) -> bool:
-    return pf._worker is None and pf._loader is None
+    return getattr(pf.worker, "runner", None) is None and getattr(pf.worker, "loader", None) is None
 
 
 class StampStore:
@@ -87,7 +87,7 @@ def test_random_routing_no_deadlock_no_double_slot_exact_accounting(seed, worker
             cache.unpin(key)
         assert len(cache) <= capacity
     pf.drain()
-    assert not pf._jobs and not pf._by_seq, "a finished, stolen or cancelled job is still tracked"
+    assert not pf._jobs and not getattr(pf.worker, "pending", lambda: 0)(), "a finished, stolen or cancelled job is still tracked"
     pf.close()
     c = cache.stats
     assert c.hits + c.misses == uses
@@ -120,7 +120,7 @@ def test_demand_steals_a_queued_prefetch_and_close_is_clean(worker):
     pf.submit(keys)
     slot = pf.fetch((0, 7))  # last in the queue: loaded at once by the caller, not after the other 7
     assert (int(slots.buf[slot, 0]), int(slots.buf[slot, 1])) == (0, 7)
-    runner = pf._worker if worker == "thread" else pf._loader._proc
+    runner = pf.worker.runner if worker == "thread" else pf.worker.loader._proc
     pf.close()
     assert runner is not None and not runner.is_alive()
     assert not cache.pinned() and stopped(pf)
@@ -160,8 +160,8 @@ def test_a_dead_loader_process_is_a_clear_error():
     cache, _slots, pf = make(StampStore(2), 4, "process")
     pf.submit([(0, 1)])
     pf.drain()
-    pf._loader._proc.kill()
-    pf._loader._proc.join()
+    pf.worker.loader._proc.kill()
+    pf.worker.loader._proc.join()
     with pytest.raises(OffloadError, match="loader process died"):
         pf.submit([(0, 2)])
     assert (0, 2) not in cache and not cache.pinned()
@@ -173,15 +173,15 @@ def test_the_loader_process_stops_and_starts_again_with_loads_intact():
         pytest.skip("needs fork")
     cache, slots, pf = make(StampStore(3), 4, "process")
     pf.start_loader()
-    first = pf._loader._proc
+    first = pf.worker.loader._proc
     assert first.is_alive()
     pf.submit([(0, 1), (0, 2)])
     pf.stop_loader()  # lets both loads land first
-    assert pf._loader is None and not first.is_alive() and pf.in_flight() == 0 and not cache.pinned()
+    assert pf.worker.loader is None and not first.is_alive() and pf.in_flight() == 0 and not cache.pinned()
     for key in [(0, 1), (0, 2)]:
         assert tuple(slots.buf[cache.slot(key), :2].tolist()) == key
     pf.submit([(1, 3)])  # a fresh loader process
-    assert pf._loader is not None and pf._loader._proc is not first
+    assert pf.worker.loader is not None and pf.worker.loader._proc is not first
     slot = pf.fetch((1, 3))
     assert tuple(slots.buf[slot, :2].tolist()) == (1, 3)
     assert pf.stats.prefetch_issued == 3 and pf.stats.prefetch_useful == 1
@@ -232,7 +232,7 @@ def test_the_loader_process_dies_with_its_parent(tmp_path):
         "from test_prefetch import make, FastStore\n"
         "cache, slots, pf = make(FastStore(0), 4, 'process')\n"
         "pf.submit([(0, 1)]); pf.drain()\n"
-        "print(pf._loader._proc.pid, flush=True)\n"
+        "print(pf.worker.loader._proc.pid, flush=True)\n"
         "time.sleep(60)\n")
     main = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     loader = int(main.stdout.readline())
