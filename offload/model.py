@@ -38,10 +38,11 @@ class OffloadedModel:
     """`generate`, `__call__` and `tokenizer` behave as transformers' do; experts come through the cache."""
 
     def __init__(self, model, engine: Engine, config: OffloadConfig, arch: Arch, source: CheckpointSource,
-                 plan: MemoryPlan, tokenizer=None) -> None:
+                 plan: MemoryPlan, tokenizer=None, hooks: list | None = None) -> None:
         self.model, self.engine, self.config, self.arch, self.source = model, engine, config, arch, source
         self.plan, self.tokenizer = plan, tokenizer
-        self._finalizer = weakref.finalize(self, _shutdown, engine)  # stops the prefetch thread when dropped
+        # stops the prefetch worker and removes our forward hooks when closed or dropped
+        self._finalizer = weakref.finalize(self, _shutdown, engine, hooks or [])
 
     # --- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -80,15 +81,16 @@ class OffloadedModel:
                         predictor=_predictor(cfg, model, moe_layers, num_experts, top_k),
                         prefetch_width=cfg.prefetch_width, codec=codec, tracer=tracer,
                         min_precision=cfg.prefetch_min_precision, worker=worker)
+        hooks = []
         if engine.entry:
-            hook_layer_entries(model, moe_layers, engine.enter)
-            hook_attention_outputs(model, moe_layers, engine.attended)
+            hooks = (hook_layer_entries(model, moe_layers, engine.enter)
+                     + hook_attention_outputs(model, moe_layers, engine.attended))
         for module in model.modules():
             if getattr(module, "layer_idx", None) is not None and hasattr(module, "engine"):
                 module.engine = engine
                 if not hasattr(module, "is_transposed"):  # undecorated classes (Llama-4) carry no flags
                     module.is_transposed = arch.transposed
-        return cls(model, engine, cfg, arch, source, plan, _load_tokenizer(model_dir))
+        return cls(model, engine, cfg, arch, source, plan, _load_tokenizer(model_dir), hooks)
 
     # --- running ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -158,7 +160,9 @@ class OffloadedModel:
 
 
 # --- helpers -------------------------------------------------------------------------------------
-def _shutdown(engine: Engine) -> None:
+def _shutdown(engine: Engine, hooks: list) -> None:
+    for handle in hooks:
+        handle.remove()
     engine.close()
     engine.store.close()
 

@@ -11,6 +11,7 @@ atomically, is what makes a store valid.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -28,16 +29,25 @@ from offload.store.disk import ALIGN, ALIGN_MIN, DATA, INDEX, STORE_VERSION, Dis
 
 JOURNAL = "journal.json"
 PARTIAL = DATA + ".partial"
+M_MMAP_THRESHOLD = -3  # mallopt parameter
 
-def _return_big_buffers_to_the_os() -> None:
-    """Ask glibc to mmap (and on free, unmap) every buffer of 1 MiB or more. Without this its dynamic
-    threshold keeps ~10 freed expert buffers in the heap, and peak RSS grows with expert size."""
+@contextlib.contextmanager
+def big_buffers_returned_to_the_os():
+    """While converting, glibc mmaps (and on free, unmaps) every buffer of 1 MiB or more: its dynamic threshold
+    would keep ~10 freed expert buffers in the heap, and peak RSS would grow with expert size. Afterwards the
+    threshold goes back to glibc's default (128 KiB), so the process is left as a caller would expect it."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
-        pass
+        yield
+        return
+    mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, 128 << 10)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -63,7 +73,8 @@ def open_or_convert(source: CheckpointSource, store_dir: Path, settings: dict, c
             raise OffloadError(f"store {store_dir} was made with settings {index.get('settings')}, not {settings}; "
                                f"use another store_dir or delete {store_dir} to rebuild it")
         return DiskStore(store_dir, verify=verify, direct=direct)
-    convert(source, store_dir, settings, codec, progress)
+    with big_buffers_returned_to_the_os():
+        convert(source, store_dir, settings, codec, progress)
     return DiskStore(store_dir, verify=verify, direct=direct)
 
 
@@ -75,7 +86,6 @@ def convert(source: CheckpointSource, store_dir: Path, settings: dict, codec: Re
     if store_dir.exists() and not store_dir.is_dir():
         raise OffloadError(f"store_dir {store_dir} exists and is not a directory; choose another store_dir")
     store_dir.mkdir(parents=True, exist_ok=True)
-    _return_big_buffers_to_the_os()
     encode = codec.encode if codec else lambda key, t: (settings.get("format", "dense"), source.layout, t)
     record_bytes = codec.record_bytes if codec else source.layout.nbytes
     keys = source.keys()
