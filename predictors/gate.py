@@ -179,10 +179,9 @@ class GatePredictor(BasePredictor):
 
     def attended(self, layer: int, out: Tensor) -> None:
         """Decoder layer `layer`'s attention output [B, T, H] (what it adds to the stream). Lookahead 0 keeps the
-        last token's: added to the next token's entry stream it guesses what attention is about to add. Always
-        added, it lifts the demo's decode recall@2 at layers 1-3 from 0.85/0.66/0.81 to 0.87/0.76/0.92 but drops
-        layer 0 from 0.42 to 0.28 (its stream is a bare embedding the attention output swamps; one-off script). So both guesses
-        are made and scored, and each layer answers with the one that has been right more often lately."""
+        last token's: added to the next token's entry stream it guesses what attention is about to add. It helps
+        deeper layers and hurts layer 0 (whose stream is a bare embedding the attention output swamps), so both
+        guesses are made and scored, and each layer answers with the one that has been right more often lately."""
         if self.lookahead == 0 and layer in self.routers:
             self._attention[layer] = out.detach().reshape(-1, out.shape[-1])[-1:]
 

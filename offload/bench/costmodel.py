@@ -1,8 +1,7 @@
 """Cost model: what fits on a card and how fast batch-1 decode can go, from shapes and bandwidths alone.
 
 Every number here is a roofline: time = bytes / bandwidth, no kernel or scheduling overheads, so a
-projection is a ceiling that real systems reach ~60-70% of (anchors-systems.md 4.5). The arithmetic
-follows docs/background.md "The physical limits" and research/anchors-systems.md sections 4.1-4.5:
+projection is a ceiling that real systems reach ~60-70% of (the anchors' published numbers, `ANCHORS`):
 
   expert bytes     = 3 x hidden x expert_intermediate x bits_per_weight / 8   (gate, up, down)
   bytes per token  = (1 - h) x MoE layers x top-k x expert bytes              (misses cross the link)
@@ -98,7 +97,7 @@ class ModelShape:
         return self.non_expert_params - unread
 
 
-# Real shapes from the HF config.json files; non-expert params from anchors-systems.md 4.2.
+# Real shapes from the HF config.json files; non-expert params counted from the same configs.
 PRESETS: dict[str, ModelShape] = {s.name: s for s in (
     ModelShape("Mixtral-8x7B", 32, 32, 8, 2, 4096, 14336, 1.6e9, 32 * 8 * 128 * 2 * 2),
     ModelShape("Mixtral-8x22B", 56, 56, 8, 2, 6144, 16384, 5.7e9, 56 * 8 * 128 * 2 * 2),
@@ -285,7 +284,7 @@ def project(shape: ModelShape, mach: Machine, hit_rate: float, bits: int | str =
 
 def crossover_hit_rate(mach: Machine) -> float:
     """Hit rate above which streaming misses beats computing every expert on the CPU (llama.cpp --cpu-moe,
-    no GPU expert cache): 1 - link / RAM bandwidth (background.md: ~0.64 on DDR5)."""
+    no GPU expert cache): 1 - link / RAM bandwidth (~0.64 for PCIe 4 against dual-channel DDR5)."""
     return max(0.0, 1.0 - mach.link_bw / mach.ram_bw)
 
 
@@ -663,7 +662,7 @@ def _save_probe(d) -> None:
     finally:
         transformers.logging.set_verbosity(verbosity)
 
-# The anchors' published numbers (docs/background.md, research/anchors-systems.md 2), as their authors report them.
+# The anchors' published numbers, as their authors report them.
 ANCHORS: list[tuple[str, str, str, str]] = [
     ("mixtral-offloading", "Mixtral-8x7B", "2.1-3.1 tok/s", "T4..A100, HQQ 2/3-bit experts, per-layer LRU"),
     ("accelerate device_map=auto", "Mixtral-8x7B", "0.66-1.39 tok/s", "naive layer offload"),

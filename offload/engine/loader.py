@@ -1,15 +1,13 @@
 """LoaderProcess: the prefetcher's CPU loads in a forked process, so they never contend for the GIL.
 
 A Python thread that reads and decodes experts while the main thread computes competes with it for the
-GIL at every torch op. Measured on the 2-core CI VM (demo model, ternary store, one expert load + decode
-every ~2.5 ms in the background): decode went from 6.35 to 7.81 ms/token with a thread doing the loads,
-and stayed at 5.65 with a forked process doing them. The process inherits the store (open descriptors,
+GIL at every torch op (docs/architecture.md has the measurement). The process inherits the store (open descriptors,
 mmaps) and writes straight into the slot pool, which lives in shared memory (`SlotPool(shared=True)`).
 
 Jobs and completions travel through shared memory, never through a pipe: a job is a slot number in a
 ring plus that slot's key and sequence number; a completion is a slot number in a second ring plus its
-byte count and time. Pickling and a pipe round trip cost ~50 us per job on this VM, which is what a
-prefetched demo expert saves, so the hot path is a few shared-memory stores and one semaphore post (the
+byte count and time. Pickling and a pipe round trip cost about what a prefetched small expert saves,
+so the hot path is a few shared-memory stores and one semaphore post (the
 semaphores are wake-up hints only: the rings are the truth). Only an exception travels through a pipe.
 Jobs are claimed under one shared lock: a job the main thread needs before the process reaches it is
 stolen (demand beats prefetch), and a sequence number per slot makes a stale ring entry harmless.
@@ -30,11 +28,8 @@ from offload.errors import OffloadError
 QUEUED, RUNNING, STOLEN, DONE, FAILED = range(5)
 POLL_SECONDS = 0.05  # how often a main process waiting on a job checks that the loader is still alive
 # Neither process spins on the rings: each sleeps on a semaphore as soon as it has nothing to do. Waking a
-# sleeper costs an inter-processor interrupt (20-30 us per job on this VM), but spinning costs more on two
-# CPUs: a loader spinning between jobs competes with the kernel's disk completions and with the main process.
-# Measured with gate d=0 prefetch, disk tier, 25% (one-off script, paired rounds): demo model 0.99x -> 1.03x of
-# no prefetch (15 rounds), 4x-wide demo 0.98x/1.01x -> 1.02x/1.02x with the stall 3.9/3.4 -> 3.2/3.1 ms/token
-# (two pairs of 15 rounds), where the loader spun for 5 ms after each job and a waiting main process for 2 ms.
+# sleeper costs an inter-processor interrupt, but on two CPUs spinning costs more: a spinning loader competes
+# with the kernel's disk completions and with the main process.
 
 Fill = Callable[[tuple[int, int], int], int]  # (key, slot) -> bytes read from the store
 

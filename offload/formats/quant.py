@@ -29,7 +29,7 @@ from offload.formats.groupwise import range_inflation
 KINDS = tuple(KIND_OBJECTS)
 GROUPED = tuple(name for name, k in KIND_OBJECTS.items() if k.grouped)  # kinds that take a group size
 GROUP_SIZES = (32, 64, 128)
-DEFAULT_GROUP_SIZE = 128  # "int4" means int4-g128: 4.25 bits/param, the size background.md plans with
+DEFAULT_GROUP_SIZE = 128  # "int4" means int4-g128: 4.25 bits/param, the usual size of published int4 MoE models
 ADAPTIVE_THRESHOLD = 1.35  # choose_group_size: Gaussian weights score 1.25 at G=128 vs 32 at any size
 
 

@@ -8,10 +8,8 @@ DiskStore  reads a converted store: one file of variable-length records + index.
 Both fill a caller-owned uint8 buffer, so the prefetcher can stage into pinned memory or straight
 into a resident slot.
 
-Why direct I/O: a buffered read of a cold 442 KB demo record costs 0.47 ms and 0.15 ms of CPU (page-cache
-fill and copy out), against 0.31 ms and 0.06 ms of CPU with O_DIRECT (this VM's virtio disk, medians of
-`examples/direct_io.py`); buffered reads also pull up to 8 MB of readahead (this disk's `read_ahead_kb`).
-Streaming experts through the page cache would also keep a second copy of them in RAM and evict what the
+Why direct I/O: a cold buffered read costs more time and CPU than an O_DIRECT one (page-cache fill and copy
+out; `examples/direct_io.py` measures both) and pulls megabytes of readahead. Streaming experts through the page cache would also keep a second copy of them in RAM and evict what the
 OS had cached. Direct reads need
 the file offset, the length and the buffer address aligned to the device's block: the converter starts
 every record of ALIGN_MIN bytes or more at a multiple of ALIGN, resident slots and staging buffers are
