@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -90,9 +91,6 @@ def serve(
     log_level: str = typer.Option("info", help="uvicorn log level: critical, error, warning, info, debug"),
 ) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics."""
-    import torch
-    from offload.serve.server import Server
-
     path = model_dir or DEMO_MODEL
     if not (path / "config.json").exists():
         fail(f"{path} has no config.json; pass the directory of a Hugging Face checkpoint")
