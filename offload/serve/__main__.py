@@ -1,0 +1,4 @@
+"""`python -m offload.serve` = `offload-serve`."""
+from offload.serve.cli import main
+
+main()
