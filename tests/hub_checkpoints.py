@@ -29,14 +29,20 @@ DEEPSEEK_BLOCK = [32, 32]             # partial blocks everywhere (64 = 2 x 32, 
 def mxfp4_encode(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., out, in] -> (blocks uint8 [..., out, in/32, 16], scales uint8 [..., out, in/32]): per group of 32
     inputs the smallest power of two that brings the group into e2m1's range, each value rounded to nearest."""
-    g = w.float().reshape(*w.shape[:-1], w.shape[-1] // 32, 32)
-    amax = g.abs().amax(-1).clamp_min(2.0**-126)
-    exp = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
-    scaled = g / torch.exp2(exp)[..., None]
+    groups = w.reshape(-1, 32)
+    blocks = torch.empty(groups.shape[0], 16, dtype=torch.uint8)
+    scales = torch.empty(groups.shape[0], dtype=torch.uint8)
     mags = torch.tensor(FP4_VALUES[:8])
-    codes = (scaled.abs()[..., None] - mags).abs().argmin(-1) | (scaled < 0).to(torch.long) << 3
-    codes = codes.to(torch.uint8).reshape(*g.shape[:-1], 16, 2)
-    return codes[..., 0] | codes[..., 1] << 4, (exp + 127).to(torch.uint8)
+    for i in range(0, groups.shape[0], 1 << 16):  # chunks: the nearest-value search takes 32 x 8 floats a group
+        g = groups[i:i + (1 << 16)].float()
+        exp = torch.ceil(torch.log2(g.abs().amax(-1).clamp_min(2.0**-126) / 6.0)).clamp(-127, 127)
+        scaled = g / torch.exp2(exp)[:, None]
+        codes = (scaled.abs()[..., None] - mags).abs().argmin(-1) | (scaled < 0).to(torch.long) << 3
+        codes = codes.to(torch.uint8).view(-1, 16, 2)
+        blocks[i:i + (1 << 16)] = codes[..., 0] | codes[..., 1] << 4
+        scales[i:i + (1 << 16)] = (exp + 127).to(torch.uint8)
+    lead = (*w.shape[:-1], w.shape[-1] // 32)
+    return blocks.view(*lead, 16), scales.view(lead)
 
 
 def fp8_encode(w: torch.Tensor, block: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
