@@ -98,7 +98,8 @@ def main() -> None:
                     print(f"| {name} | {fmt}, store=disk | not possible: inputs {c.hidden_size} | | | | |")
                     continue
             print(f"| {name} | {fmt or 'bf16'}, store=disk | {record / 2**20:.1f} MiB | {n * record / GB:.1f} GB | "
-                  f"{slot / 2**20:.1f} MiB | {layout.nbytes / 2**20:.1f} MiB | {moe_layers(c) * k * record / GB:.2f} GB |")
+                  f"{slot / 2**20:.1f} MiB | {layout.nbytes / 2**20:.1f} MiB | "
+                  f"{moe_layers(c) * k * record / GB:.2f} GB |")
         ne = non_expert_params(c)
         kv = kv_bytes_per_token(c, torch.bfloat16)
         extra.append(f"| {name} | {moe_layers(c)} x {n // moe_layers(c)} = {n} | top-{k} | {ne / 1e9:.2f} B -> "

@@ -67,7 +67,8 @@ def main() -> None:
         ms = {
             "bf16": median_ms(lambda: F.linear(x, w_mx), args.reps),
             "int4": median_ms(lambda: qlinear(x, resident, g32, (N, K)), args.reps),
-            "tf": median_ms(lambda: F.linear(x, convert_moe_packed_tensors(blocks[None], scales[None])[0].T), args.reps),
+            "tf": median_ms(lambda: F.linear(x, convert_moe_packed_tensors(blocks[None], scales[None])[0].T),
+                            args.reps),
             "ours": median_ms(lambda: F.linear(x, decode().T), args.reps),
         }
         err = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731

@@ -161,9 +161,8 @@ def _stored(files: list[SafetensorsFile]) -> dict[str, Stored]:
 def _without_quantization(hf_config):
     """A copy of `hf_config` that does not engage transformers' quantizer (its experts are ours)."""
     out = copy.deepcopy(hf_config)
-    for c in {id(out): out, id(out.get_text_config()): out.get_text_config()}.values():
-        if hasattr(c, "quantization_config"):
-            del c.quantization_config
+    for c in (out, out.get_text_config()):  # the same object for text-only models
+        c.__dict__.pop("quantization_config", None)
     return out
 
 
@@ -212,7 +211,8 @@ class BlockFp8(Dense):
 
     def tensors(self, files: list[SafetensorsFile]) -> dict[str, Tensor]:
         stored = _stored(files)
-        scales = {name.removesuffix("_scale_inv"): t for name, t in stored.items() if name.endswith(".weight_scale_inv")}
+        scales = {name.removesuffix("_scale_inv"): t for name, t in stored.items()
+                  if name.endswith(".weight_scale_inv")}
         out: dict[str, Tensor] = {}
         for name, t in stored.items():
             if name in scales:
