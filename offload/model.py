@@ -60,7 +60,7 @@ class OffloadedModel:
             on_plan(plan)
         store = open_store(cfg, source, codec, progress)
 
-        model = _load_model(model_dir, hf_config, arch, cfg)
+        model = _load_model(model_dir, hf_config, arch, cfg, source)
         moe_layers = []
         for name, module in model.named_modules():
             if type(module).__name__ == "Offloaded" + arch.experts_class:
@@ -197,7 +197,7 @@ def _predictor(cfg: OffloadConfig, model, moe_layers: list[int], num_experts: in
                           num_experts=num_experts, top_k=top_k, lookahead=cfg.lookahead, width=width)
 
 
-def _load_model(path: Path, hf_config, arch: Arch, cfg: OffloadConfig):
+def _load_model(path: Path, hf_config, arch: Arch, cfg: OffloadConfig, source: CheckpointSource):
     model_cls = AutoModelForCausalLM._model_mapping[type(hf_config)]
     orig = getattr(importlib.import_module(model_cls.__module__), arch.experts_class)
     register_patch_mapping({arch.experts_class: offloaded_class(orig)}, overwrite=True)
@@ -205,7 +205,9 @@ def _load_model(path: Path, hf_config, arch: Arch, cfg: OffloadConfig):
     transformers.logging.set_verbosity_error()  # the dropped expert tensors are reported as "unexpected"
     try:
         kwargs = {"device_map": {"": cfg.device}} if cfg.device != "cpu" else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=cfg.dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, config=source.format.load_config(hf_config), dtype=cfg.dtype,
+                                                     **kwargs)
+        source.finish_load(model)
     finally:
         unregister_patch_mapping([arch.experts_class])
         transformers.logging.set_verbosity(verbosity)

@@ -30,7 +30,7 @@ class MemoryPlan:
     expert_bytes: int         # one expert record
     total_experts: int
     store: str                # where the non-resident experts live
-    store_bytes: int          # all experts in the store
+    store_bytes: int          # all experts in the store (ram: the checkpoint's packed bytes on disk)
     capacity: int             # resident expert slots
     top_k: int
 
@@ -49,8 +49,8 @@ class MemoryPlan:
             ("RAM", f"{gib(self.ram_available)} available of {gib(self.ram_total)}"),
             ("non-expert weights", gib(self.non_expert_bytes)),
             (f"KV cache at {self.context} tokens", gib(self.kv_bytes)),
-            ("experts in store", f"{self.total_experts} x {gib(self.expert_bytes)} = {gib(self.store_bytes)} "
-                                 f"({self.store})"),
+            ("experts in store", f"{self.total_experts} x {gib(self.expert_bytes)} resident form, "
+                                 f"{gib(self.store_bytes)} in the {self.store} store"),
             ("resident experts", f"{self.capacity} of {self.total_experts} "
                                  f"({100 * self.capacity / self.total_experts:.0f}%, {gib(self.resident_bytes)})"),
         ]
@@ -112,5 +112,6 @@ def make_plan(cfg: OffloadConfig, hf_config, source: CheckpointSource, expert_by
                                                 "free memory or lower --context"))
     return MemoryPlan(device=cfg.device, device_free=free, ram_total=vm.total, ram_available=vm.available,
                       non_expert_bytes=non_expert, kv_bytes=kv, context=context, expert_bytes=expert_bytes,
-                      total_experts=total, store=cfg.store, store_bytes=total * expert_bytes,
+                      total_experts=total, store=cfg.store,
+                      store_bytes=source.expert_disk_bytes() if cfg.store == "ram" else total * expert_bytes,
                       capacity=min(capacity, total), top_k=top_k)

@@ -21,7 +21,7 @@ class Arch:
     num_experts: str = "num_local_experts"  # config attribute
     transposed: bool = False            # weights kept as [in, out] (x @ W) in memory, not [out, in]
     replicated_input: bool = False      # Llama-4: experts get every token for every expert, pre-scaled
-    quantized_markers: tuple[str, ...] = field(default=())  # tensor-name suffixes of packed hub formats we can't read
+    quantized_markers: tuple[str, ...] = field(default=())  # suffixes of packed expert tensors (offload.store.hub_formats)
 
     @property
     def fused(self) -> bool:

@@ -88,8 +88,7 @@ class RamStore:
         return self.layout
 
     def read_into(self, key: Key, out: torch.Tensor) -> int:
-        self.source.read_into(key, self.layout.views(out[: self.record_bytes]))
-        return self.record_bytes
+        return self.source.read_into(key, self.layout.views(out[: self.record_bytes]))
 
     def close(self) -> None:
         pass

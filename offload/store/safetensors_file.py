@@ -46,6 +46,11 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name][1]
 
+    def nbytes(self, name: str, index: int | None = None) -> int:
+        """Bytes tensor `name` (or its `index`-th slice) takes in the file: what reading it costs."""
+        _dtype, _shape, begin, end = self._extent(name, index)
+        return end - begin
+
     def _extent(self, name: str, index: int | None) -> tuple[torch.dtype, tuple[int, ...], int, int]:
         """(dtype, shape, begin, end) of tensor `name`, or of its `index`-th slice along dim 0."""
         dtype_name, shape, begin, end = self.tensors[name]

@@ -16,6 +16,7 @@ import torch
 
 from offload.store.arch import V5_FUSED, V5_FUSED_ROLES, Arch, arch_for
 from offload.errors import OffloadError
+from offload.store.hub_formats import Dense, Tensor, hub_format
 from offload.store.layout import ExpertLayout, TensorSpec
 from offload.store.safetensors_file import SafetensorsFile
 
@@ -26,15 +27,19 @@ class CheckpointSource:
     """Expert tensors of one checkpoint, in the record orientation transformers uses in memory."""
 
     def __init__(self, model_dir: Path, arch: Arch, num_experts: int, dtype: torch.dtype,
-                 num_layers: int | None = None) -> None:
-        """`num_layers`: the model's decoder layers; experts of extra layers (DeepSeek-V3's MTP layer) are ignored."""
+                 num_layers: int | None = None, fmt: Dense | None = None) -> None:
+        """`num_layers`: the model's decoder layers; tensors of extra layers (DeepSeek-V3's MTP layer) are ignored.
+        `fmt`: how the checkpoint packs its tensors (`offload.store.hub_formats`; default: as stored)."""
         self.model_dir, self.arch, self.num_experts, self.dtype = Path(model_dir), arch, num_experts, dtype
+        self.format, self.num_layers = fmt or Dense(), num_layers
         self.files = sorted(self.model_dir.glob("*.safetensors"))
         if not self.files:
             raise OffloadError(f"no *.safetensors files in {self.model_dir}; moe-offload reads safetensors "
                                f"checkpoints (re-save the model with save_pretrained(safe_serialization=True))")
         self._handles = {f: SafetensorsFile(f) for f in self.files}
-        self._where: dict[tuple, tuple[Path, str]] = {}  # (layer, expert|None, role) -> (file, tensor name)
+        self._tensors: dict[str, Tensor] = self.format.tensors(list(self._handles.values()))  # by logical name
+        self._where: dict[tuple, str] = {}  # (layer, expert|None, role) -> logical tensor name
+        self._layers_prefix = ""  # names of decoder-layer tensors start with it and the layer number
         self._scan(arch, num_layers)
         if not self._where and not arch.fused:  # saved in transformers v5's in-memory (fused) layout instead
             self.arch = arch = replace(arch, pattern=V5_FUSED, roles=V5_FUSED_ROLES)
@@ -47,24 +52,24 @@ class CheckpointSource:
 
     def _scan(self, arch: Arch, num_layers: int | None) -> None:
         pattern = re.compile(arch.pattern)
-        for f, h in self._handles.items():
-            for name in h.keys():
-                if arch.quantized_markers and name.endswith(arch.quantized_markers) and ".experts" in name:
-                    raise OffloadError(f"{name} is a packed hub format (MXFP4/FP8) that moe-offload does not decode "
-                                       f"yet; use a bf16/fp16/fp32 checkpoint of this model")
-                m = pattern.search(name)
-                if m:
-                    g = m.groups()
-                    layer, expert = int(g[0]), (int(g[1]) if len(g) == 3 else None)
-                    if num_layers is None or layer < num_layers:
-                        self._where[(layer, expert, arch.roles[g[-1]])] = (f, name)
+        for name in self._tensors:
+            if arch.quantized_markers and name.endswith(arch.quantized_markers) and ".experts" in name:
+                raise OffloadError(f"{name} is packed (MXFP4/FP8) but config.json has no quantization_config saying "
+                                   f"how; restore the checkpoint's original config.json")
+            m = pattern.search(name)
+            if m:
+                g = m.groups()
+                layer, expert = int(g[0]), (int(g[1]) if len(g) == 3 else None)
+                self._layers_prefix = name[:m.start(1)]
+                if num_layers is None or layer < num_layers:
+                    self._where[(layer, expert, arch.roles[g[-1]])] = name
 
     # --- shapes -----------------------------------------------------------------------------------
     def _shape(self, layer: int, role: str) -> tuple[int, ...] | None:
         hit = self._where.get((layer, None if self.arch.fused else 0, role))
         if hit is None:
             return None
-        shape = self._handles[hit[0]].shape(hit[1])
+        shape = self._tensors[hit].shape
         return shape[1:] if self.arch.fused else shape
 
     def _dense_layout(self) -> ExpertLayout:
@@ -86,23 +91,25 @@ class CheckpointSource:
         return [(layer, e) for layer in self.layers for e in range(self.num_experts)]
 
     # --- reading ----------------------------------------------------------------------------------
-    def _tensor(self, layer: int, expert: int, role: str) -> tuple[SafetensorsFile, str, int | None]:
-        """(file, tensor name, slice index) of one expert's `role` tensor (sliced out of a fused tensor)."""
+    def _tensor(self, layer: int, expert: int, role: str) -> tuple[Tensor, int | None]:
+        """(tensor, slice index) of one expert's `role` tensor (sliced out of a fused tensor)."""
         hit = self._where.get((layer, None if self.arch.fused else expert, role))
         if hit is None:
             raise OffloadError(f"checkpoint {self.model_dir} lacks tensor {role} of expert {expert} in layer {layer}; "
                                f"the checkpoint is incomplete")
-        return self._handles[hit[0]], hit[1], expert if self.arch.fused else None
+        return self._tensors[hit], expert if self.arch.fused else None
 
     def _get(self, layer: int, expert: int, role: str) -> torch.Tensor:
-        f, name, index = self._tensor(layer, expert, role)
-        return f.read(name, index)
+        t, index = self._tensor(layer, expert, role)
+        return t.read(index, self.dtype)
 
-    def read_into(self, key: Key, views: dict[str, torch.Tensor]) -> None:
+    def read_into(self, key: Key, views: dict[str, torch.Tensor]) -> int:
         """Expert `key` straight into its record's `views` (one pread per tensor where the checkpoint already
-        holds the model dtype, else read and convert): what a RAM-tier miss costs, without the intermediate
-        tensors of `read` (on 22 MB experts those made RAM-tier misses ~2x slower than disk-store ones)."""
+        holds the model dtype, else read and convert or decode): what a RAM-tier miss costs, without the
+        intermediate tensors of `read` (on 22 MB experts those made RAM-tier misses ~2x slower than disk-store
+        ones). Returns the bytes read from the checkpoint (packed bytes for packed formats)."""
         layer, e = key
+        read = 0
         for spec in self.layout.specs:
             dst = views[spec.name]
             if spec.name == "gate_up" and not self.arch.fused:
@@ -111,9 +118,9 @@ class CheckpointSource:
             else:
                 parts = ((spec.name, dst),)
             for role, out in parts:
-                f, name, index = self._tensor(layer, e, role)
-                if not f.read_into(name, index, out):
-                    out.copy_(f.read(name, index))
+                t, index = self._tensor(layer, e, role)
+                read += t.read_into(index, out)
+        return read
 
     def read(self, key: Key) -> dict[str, torch.Tensor]:
         """Expert `key` as record tensors (gate_up, down, biases) in the model dtype."""
@@ -127,15 +134,29 @@ class CheckpointSource:
             out[spec.name] = t.to(self.dtype)
         return out
 
+    def _non_expert(self) -> dict[str, Tensor]:
+        """The tensors transformers loads: neither experts nor in a layer past the model's (an MTP layer)."""
+        experts = set(self._where.values())
+        return {n: t for n, t in self._tensors.items() if n not in experts and not self._past_last_layer(n)}
+
+    def _past_last_layer(self, name: str) -> bool:
+        if self.num_layers is None or not name.startswith(self._layers_prefix):
+            return False
+        head = name[len(self._layers_prefix):].split(".", 1)[0]
+        return head.isdigit() and int(head) >= self.num_layers
+
     def non_expert_bytes(self) -> int:
-        """Bytes of every tensor that is not an expert (loaded by transformers), at the model dtype."""
-        experts = {name for _f, name in self._where.values()}
-        total = 0
-        for h in self._handles.values():
-            for name in h.keys():
-                if name not in experts:
-                    total += math.prod(h.shape(name)) * self.dtype.itemsize
-        return total
+        """Bytes of every tensor that is not an expert (loaded by transformers), at the model dtype: FP8 projections
+        are decoded at load, and scale tensors are part of the tensor they scale."""
+        return sum(math.prod(t.shape) * self.dtype.itemsize for t in self._non_expert().values())
+
+    def expert_disk_bytes(self) -> int:
+        """Bytes the experts take in the checkpoint's files (packed, as published): the RAM tier's store."""
+        return sum(self._tensors[name].disk_bytes() for name in set(self._where.values()))
+
+    def finish_load(self, model) -> None:
+        """Fix what transformers loaded without the checkpoint's quantizer (decodes FP8 projections in place)."""
+        self.format.finish_load(model, self._non_expert())
 
     def fingerprint(self) -> str:
         """Identifies this checkpoint cheaply: config.json plus every safetensors header (names, shapes, offsets)."""
@@ -169,5 +190,6 @@ def open_checkpoint(model_dir, dtype: torch.dtype):
         raise OffloadError(f"cannot read {path / 'config.json'}: {str(e).splitlines()[0]}") from None
     arch = arch_for(hf_config)
     text = hf_config.get_text_config()
-    source = CheckpointSource(path, arch, int(getattr(text, arch.num_experts)), dtype, text.num_hidden_layers)
+    source = CheckpointSource(path, arch, int(getattr(text, arch.num_experts)), dtype, text.num_hidden_layers,
+                              hub_format(hf_config))
     return hf_config, arch, source, int(text.num_experts_per_tok)
