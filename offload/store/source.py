@@ -6,13 +6,14 @@ experts into RAM, not even as mapped pages.
 """
 from __future__ import annotations
 
-import hashlib
+import json
 import math
 import re
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+import xxhash
 
 from offload.store.arch import V5_FUSED, V5_FUSED_ROLES, Arch, arch_for
 from offload.errors import OffloadError
@@ -20,6 +21,7 @@ from offload.store.layout import ExpertLayout, TensorSpec
 from offload.store.safetensors_file import SafetensorsFile
 
 Key = tuple[int, int]
+SAMPLE_BYTES = 4096  # per sample: one page, so a sample costs one small read
 
 
 class CheckpointSource:
@@ -34,6 +36,7 @@ class CheckpointSource:
             raise OffloadError(f"no *.safetensors files in {self.model_dir}; moe-offload reads safetensors "
                                f"checkpoints (re-save the model with save_pretrained(safe_serialization=True))")
         self._handles = {f: SafetensorsFile(f) for f in self.files}
+        self._fingerprint: str | None = None
         self._where: dict[tuple, tuple[Path, str]] = {}  # (layer, expert|None, role) -> (file, tensor name)
         self._scan(arch, num_layers)
         if not self._where and not arch.fused:  # saved in transformers v5's in-memory (fused) layout instead
@@ -138,12 +141,31 @@ class CheckpointSource:
         return total
 
     def fingerprint(self) -> str:
-        """Identifies this checkpoint cheaply: config.json plus every safetensors header (names, shapes, offsets)."""
-        h = hashlib.sha256((self.model_dir / "config.json").read_bytes())
-        for f, st in self._handles.items():
-            h.update(f.name.encode() + st.header_bytes)
-        return h.hexdigest()[:32]
-
+        """What a converted store must match: the expert tensors' roles, dtypes and shapes, and their bytes sampled
+        (SAMPLE_BYTES at the start, middle and end of every expert's tensors, xxh3-128). Experts only, so config
+        edits or other non-expert weights keep a store, while a fine-tune of the experts does not; a few preads per
+        expert, so a 100 GB checkpoint is checked at every open. Computed once per source."""
+        if self._fingerprint is None:
+            wanted: dict[SafetensorsFile, list] = {}  # file -> [(key, tensor name, slice index)]
+            roles: dict[int, set[str]] = {}
+            for layer, _e, role in self._where:
+                roles.setdefault(layer, set()).add(role)
+            for layer, e in self.keys():
+                for role in sorted(roles[layer]):
+                    f, name, index = self._tensor(layer, e, role)
+                    wanted.setdefault(f, []).append(((layer, e, role), name, index))
+            sampled = {}
+            for f, items in wanted.items():
+                blocks = f.samples([(name, index) for _k, name, index in items], SAMPLE_BYTES)
+                sampled.update({key: (f.tensors[name][:2], b) for (key, name, _i), b in zip(items, blocks)})
+            h = xxhash.xxh3_128(json.dumps([self.arch.experts_class, self.num_experts]).encode())
+            for key in sorted(sampled):
+                meta, blocks = sampled[key]
+                h.update(json.dumps([key, meta]).encode())
+                for block in blocks:
+                    h.update(block)
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
 
 def check_dir(model_dir) -> Path:
