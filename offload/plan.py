@@ -33,6 +33,7 @@ class MemoryPlan:
     store_bytes: int          # all experts in the store
     capacity: int             # resident expert slots
     top_k: int
+    capped_from: int | None = None  # cache_experts as asked, when more than the model has (capped to all of them)
 
     @property
     def resident_bytes(self) -> int:
@@ -52,7 +53,9 @@ class MemoryPlan:
             ("experts in store", f"{self.total_experts} x {gib(self.expert_bytes)} = {gib(self.store_bytes)} "
                                  f"({self.store})"),
             ("resident experts", f"{self.capacity} of {self.total_experts} "
-                                 f"({100 * self.capacity / self.total_experts:.0f}%, {gib(self.resident_bytes)})"),
+                                 f"({100 * self.capacity / self.total_experts:.0f}%, {gib(self.resident_bytes)})"
+                                 + (f"; cache_experts={self.capped_from} capped to the model's {self.total_experts}"
+                                    if self.capped_from is not None else "")),
         ]
 
 
@@ -113,4 +116,5 @@ def make_plan(cfg: OffloadConfig, hf_config, source: CheckpointSource, expert_by
     return MemoryPlan(device=cfg.device, device_free=free, ram_total=vm.total, ram_available=vm.available,
                       non_expert_bytes=non_expert, kv_bytes=kv, context=context, expert_bytes=expert_bytes,
                       total_experts=total, store=cfg.store, store_bytes=total * expert_bytes,
-                      capacity=min(capacity, total), top_k=top_k)
+                      capacity=min(capacity, total), top_k=top_k,
+                      capped_from=cfg.cache_experts if (cfg.cache_experts or 0) > total else None)

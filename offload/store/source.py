@@ -188,7 +188,8 @@ def open_checkpoint(model_dir, dtype: torch.dtype):
     try:
         hf_config = AutoConfig.from_pretrained(path)
     except (ValueError, KeyError, OSError) as e:
-        raise OffloadError(f"cannot read {path / 'config.json'}: {str(e).splitlines()[0]}") from None
+        raise OffloadError(f"cannot read {path / 'config.json'}: {str(e).splitlines()[0]}; fix or re-download "
+                           f"it") from None
     arch = arch_for(hf_config)
     text = hf_config.get_text_config()
     source = CheckpointSource(path, arch, int(getattr(text, arch.num_experts)), dtype, text.num_hidden_layers)

@@ -13,9 +13,9 @@ from offload.store.arch import ARCHS
 from offload.cli.common import DEMO_MODEL
 from offload.formats.record import RecordCodec, format_rule
 from offload.store.convert import JOURNAL, PARTIAL, build_store, convert
-from offload.store.safetensors_file import SafetensorsFile
 from offload.store.source import CheckpointSource
 from offload.store.disk import ALIGN, ALIGN_MIN, DATA, INDEX, DiskStore, RamStore, aligned_buffer
+from tiny_models import fine_tune
 
 
 def source_of(path, arch="mixtral", dtype=torch.bfloat16):
@@ -284,23 +284,6 @@ def test_ram_store_preads_into_the_record_exactly_as_read_and_pack(tiny_dir, arc
 
 
 # --- identity: a store serves only the experts it was converted from --------------------------------
-def fine_tune(src, out, scale: float = 0.01):
-    """A copy of checkpoint `src` whose expert values differ (+ scale * randn) while config.json, tensor names,
-    shapes and dtypes - every safetensors header byte - stay the same: what a fine-tune of the experts looks like."""
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, out)
-    g = torch.Generator().manual_seed(0)
-    for f in sorted(out.glob("*.safetensors")):
-        tensors = load_file(f)
-        for name, t in tensors.items():
-            if ".experts." in name:
-                tensors[name] = (t.float() + scale * torch.randn(t.shape, generator=g)).to(t.dtype)
-        save_file(tensors, f, metadata={"format": "pt"})
-        assert SafetensorsFile(f).tensors == SafetensorsFile(src / f.name).tensors  # names, dtypes, shapes, offsets
-    return out
-
-
 def test_store_of_the_demo_is_refused_for_its_fine_tune(tmp_path):
     build_store(DEMO_MODEL, tmp_path / "s", progress=False)
     tuned = fine_tune(DEMO_MODEL, tmp_path / "tuned")
