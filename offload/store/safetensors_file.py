@@ -81,9 +81,10 @@ class SafetensorsFile:
         if got != len(dst):
             raise OffloadError(f"{self.path} is truncated (tensor {name}); re-download or re-save the checkpoint")
 
-    def samples(self, wanted: list[tuple[str, int | None]], block: int) -> list[list[bytes]]:
-        """For each (tensor, slice index) in `wanted`: `block` bytes from the start, the middle and the end of its
-        data, one pread each over one descriptor. Enough to tell a fine-tune from its base without reading it."""
+    def samples(self, wanted: list[tuple[str, int | None]], block: int, per: int) -> list[list[bytes]]:
+        """For each (tensor, slice index) in `wanted`: `per` (1-3) blocks of `block` bytes spread over its data
+        (the middle; the start and end; or all three), one pread each over one descriptor. Enough to tell a
+        fine-tune from its base without reading it."""
         out = []
         try:
             fd = os.open(self.path, os.O_RDONLY)
@@ -91,7 +92,8 @@ class SafetensorsFile:
                 for name, index in wanted:
                     _dtype, _shape, begin, end = self._extent(name, index)
                     n = end - begin
-                    spans = [(0, n)] if n <= 3 * block else [(0, block), (n // 2 - block // 2, block), (n - block, block)]
+                    starts = {1: [n // 2 - block // 2], 2: [0, n - block], 3: [0, n // 2 - block // 2, n - block]}
+                    spans = [(0, n)] if n <= per * block else [(s, block) for s in starts[per]]
                     out.append([os.pread(fd, length, self.data_start + begin + s) for s, length in spans])
             finally:
                 os.close(fd)

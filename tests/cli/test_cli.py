@@ -161,7 +161,8 @@ def test_store_of_a_fine_tune_is_refused(tiny_dir, tmp_path):
     from tiny_models import fine_tune
 
     store = str(tmp_path / "s")
-    assert runner.invoke(chat_app, chat_args(tiny_dir("mixtral"), "--store", "disk", "--store-dir", store)).exit_code == 0
+    r = runner.invoke(chat_app, chat_args(tiny_dir("mixtral"), "--store", "disk", "--store-dir", store))
+    assert r.exit_code == 0, r.output
     tuned = fine_tune(tiny_dir("mixtral"), tmp_path / "tuned")
     r = runner.invoke(chat_app, chat_args(tuned, "--store", "disk", "--store-dir", store))
     assert_one_line_exit_2(r, "different checkpoint", "--store-dir", "reconvert")

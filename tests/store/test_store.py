@@ -341,16 +341,33 @@ def test_store_of_an_older_version_is_refused_with_the_fix(tiny_dir, tmp_path):
         OffloadedModel.from_pretrained(path, store="disk", store_dir=tmp_path / "s")
 
 
-def test_fingerprint_reads_a_few_kib_per_expert_tensor(tmp_path, monkeypatch):
-    """Cheap enough for every open: three 4 KiB preads per expert tensor, whatever the tensor size."""
+def count_preads(monkeypatch) -> list[int]:
     import os
 
-    reads = []
+    reads: list[int] = []
     real = os.pread
     monkeypatch.setattr(os, "pread", lambda fd, n, offset: reads.append(n) or real(fd, n, offset))
-    src = CheckpointSource(DEMO_MODEL, ARCHS["qwen3_moe"], 16, torch.bfloat16)
-    src.fingerprint()
+    return reads
+
+
+def test_fingerprint_reads_a_few_kib_per_expert_tensor(monkeypatch):
+    """Cheap enough for every open: the demo's 192 expert tensors, three 4 KiB preads each, whatever their size."""
+    reads = count_preads(monkeypatch)
+    CheckpointSource(DEMO_MODEL, ARCHS["qwen3_moe"], 16, torch.bfloat16).fingerprint()
     assert len(reads) == 3 * 3 * 64 and max(reads) <= 4096
+
+
+def test_fingerprint_of_many_tensors_stays_within_its_reads(tiny_dir, tmp_path, monkeypatch):
+    """More expert tensors than MAX_SAMPLES (fine-grained MoEs): at most that many reads, and a fine-tune is
+    still told apart."""
+    import offload.store.source as source
+
+    monkeypatch.setattr(source, "MAX_SAMPLES", 24)  # the tiny model's 72 tensors are then "many"
+    tuned = fine_tune(tiny_dir("mixtral"), tmp_path / "tuned")
+    reads = count_preads(monkeypatch)
+    base = source_of(tiny_dir("mixtral")).fingerprint()
+    assert len(reads) == 24
+    assert source_of(tuned).fingerprint() != base
 
 
 # --- unreadable files: one line naming the file and the fix ------------------------------------------
