@@ -40,7 +40,8 @@ class OffloadConfig:
 
     device: str = "cpu"                 # where resident experts live and compute runs: cpu, cuda, cuda:N
     dtype: str | torch.dtype = "bfloat16"  # model and dense expert records; as transformers' `dtype`
-    store: str = "ram"                  # ram: read the checkpoint's safetensors on demand (mmap); disk: converted store
+    store: str | None = None            # ram: read the checkpoint's safetensors on demand (mmap); disk: converted
+                                        # store. Default: disk when store_dir is given, else ram
     store_dir: str | None = None        # where the disk store lives (required for store="disk")
     bits: int | str | dict | None = None  # expert format: None/16 dense, 8, 4, 3, 2, "ternary", or per-layer dict
     cache_experts: int | None = None    # resident expert slots (global across layers)
@@ -64,8 +65,14 @@ class OffloadConfig:
             raise OffloadError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if str(self.device).startswith("cuda") and not torch.cuda.is_available():
             raise OffloadError("device='cuda' was asked for but torch sees no CUDA GPU; use device='cpu'")
+        if self.store is None:  # a store_dir only means something for a disk store: giving one asks for it
+            object.__setattr__(self, "store", "disk" if self.store_dir else "ram")
         if self.store not in STORES:
             raise OffloadError(f"store must be one of {', '.join(STORES)}, got {self.store!r}")
+        if self.store == "ram" and self.store_dir:
+            raise OffloadError(f"store_dir={self.store_dir} is for the disk store, but store='ram' reads the "
+                               f"checkpoint itself; drop store='ram' (--store ram) to use the disk store, or drop "
+                               f"store_dir")
         if self.store == "disk" and not self.store_dir:
             raise OffloadError("store='disk' needs store_dir=PATH (where the converted expert store is kept)")
         if self.cache_experts is not None and self.cache_memory is not None:
@@ -104,8 +111,12 @@ class OffloadConfig:
             raise OffloadError(f"unknown predictor {self.predictor!r}; choose one of: {', '.join(online)} "
                                f"(oracle runs only on recorded traces, in offload-bench)")
 
-        if self.policy not in POLICIES:
-            raise OffloadError(f"unknown policy {self.policy!r}; choose one of: {', '.join(sorted(POLICIES))}")
+        policies = sorted(set(POLICIES) - {"belady"})
+        if self.policy == "belady":
+            raise OffloadError(f"the belady policy needs the future routing, so it runs only on recorded traces "
+                               f"(offload-bench policies); for a model choose one of: {', '.join(policies)}")
+        if self.policy not in policies:
+            raise OffloadError(f"unknown policy {self.policy!r}; choose one of: {', '.join(policies)}")
 
     @classmethod
     def from_options(cls, **options) -> OffloadConfig:

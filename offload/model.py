@@ -6,7 +6,6 @@ everything else (attention, routers, shared experts, embeddings) loads exactly a
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import re
 import weakref
@@ -217,8 +216,12 @@ def _load_model(path: Path, hf_config, arch: Arch, cfg: OffloadConfig, source: C
 def _load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    files = [f for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model") if (path / f).exists()]
+    if not files:
         return None
-    with contextlib.suppress(Exception):
+    try:
         return AutoTokenizer.from_pretrained(path)
-    return None
+    except Exception as e:  # noqa: BLE001 - tokenizers, sentencepiece and json each raise their own types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise OffloadError(f"cannot load the tokenizer in {path} ({', '.join(files)}): {first}; fix or re-download "
+                           f"those files") from None

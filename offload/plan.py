@@ -33,6 +33,7 @@ class MemoryPlan:
     store_bytes: int          # all experts in the store (ram: the checkpoint's packed bytes on disk)
     capacity: int             # resident expert slots
     top_k: int
+    capped_from: int | None = None  # cache_experts as asked, when more than the model has (capped to all of them)
 
     @property
     def resident_bytes(self) -> int:
@@ -52,7 +53,9 @@ class MemoryPlan:
             ("experts in store", f"{self.total_experts} x {gib(self.expert_bytes)} resident form, "
                                  f"{gib(self.store_bytes)} in the {self.store} store"),
             ("resident experts", f"{self.capacity} of {self.total_experts} "
-                                 f"({100 * self.capacity / self.total_experts:.0f}%, {gib(self.resident_bytes)})"),
+                                 f"({100 * self.capacity / self.total_experts:.0f}%, {gib(self.resident_bytes)})"
+                                 + (f"; cache_experts={self.capped_from} capped to the model's {self.total_experts}"
+                                    if self.capped_from is not None else "")),
         ]
 
 
@@ -114,4 +117,5 @@ def make_plan(cfg: OffloadConfig, hf_config, source: CheckpointSource, expert_by
                       non_expert_bytes=non_expert, kv_bytes=kv, context=context, expert_bytes=expert_bytes,
                       total_experts=total, store=cfg.store,
                       store_bytes=source.expert_disk_bytes() if cfg.store == "ram" else total * expert_bytes,
-                      capacity=min(capacity, total), top_k=top_k)
+                      capacity=min(capacity, total), top_k=top_k,
+                      capped_from=cfg.cache_experts if (cfg.cache_experts or 0) > total else None)

@@ -71,6 +71,8 @@ def test_capacity_beyond_free_memory_is_refused_before_allocating(tiny_dir, monk
     (dict(cache_memory="lots"), "cannot read 'lots' as a size"),
     (dict(cache_experts=4, cache_memory="1GiB"), "not both"),
     (dict(policy="random"), "unknown policy"),
+    (dict(policy="belady"), r"belady .* only on recorded traces \(offload-bench policies\)"),
+    (dict(store="ram", store_dir="/tmp/s"), r"store_dir=/tmp/s is for the disk store.*drop store='ram'"),
     (dict(lookahead=-1), "lookahead"),
     (dict(lookahead=9), "lookahead"),
     (dict(colour="blue"), "unknown option"),
@@ -109,3 +111,41 @@ def test_sizes_parse():
     assert parse_bytes("512MB") == 512 * 10**6
     assert parse_bytes("1.5 KiB") == 1536
     assert parse_bytes(123) == 123
+
+
+def test_store_dir_alone_means_the_disk_store():
+    assert OffloadConfig(store_dir="/tmp/s").store == "disk"
+    assert OffloadConfig().store == "ram"
+
+
+def test_no_policy_list_offers_belady():
+    with pytest.raises(OffloadError, match="unknown policy") as e:
+        OffloadConfig(policy="random")
+    assert "belady" not in str(e.value) and "lru" in str(e.value)
+
+
+def test_cache_larger_than_the_model_is_capped_and_says_so(tiny_dir):
+    with OffloadedModel.from_pretrained(tiny_dir("mixtral"), cache_experts=1000) as m:
+        assert m.plan.capacity == m.plan.total_experts == 24 and m.engine.cache.capacity == 24
+        resident = dict(m.plan.rows())["resident experts"]
+        assert "cache_experts=1000 capped to the model's 24" in resident
+    with OffloadedModel.from_pretrained(tiny_dir("mixtral"), cache_experts=24) as m:
+        assert "capped" not in dict(m.plan.rows())["resident experts"]
+
+
+def test_corrupt_tokenizer_is_named(tiny_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_dir("mixtral"), tmp_path / "m")
+    (tmp_path / "m" / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+    with pytest.raises(OffloadError, match=r"cannot load the tokenizer in .*m \(tokenizer.json.*re-download"):
+        OffloadedModel.from_pretrained(tmp_path / "m")
+
+
+def test_corrupt_config_is_named(tiny_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_dir("mixtral"), tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_bytes(b'{"model_type": "mixt')
+    with pytest.raises(OffloadError, match=r"cannot read .*config.json.*re-download"):
+        OffloadedModel.from_pretrained(tmp_path / "m")

@@ -73,3 +73,25 @@ def build(arch: str, out: Path, dtype: torch.dtype = torch.float32, seed: int = 
     model.save_pretrained(out)
     tiny_tokenizer(cfg.vocab_size).save_pretrained(out)
     return out
+
+
+def fine_tune(src: Path, out: Path, scale: float = 0.01) -> Path:
+    """A copy of checkpoint `src` whose expert values differ (+ scale * randn) while config.json, tensor names,
+    shapes and dtypes - every safetensors header byte - stay the same: what a fine-tune of the experts looks like."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from offload.store.safetensors_file import SafetensorsFile
+
+    src, out = Path(src), Path(out)
+    shutil.copytree(src, out)
+    g = torch.Generator().manual_seed(0)
+    for f in sorted(out.glob("*.safetensors")):
+        tensors = load_file(f)
+        for name, t in tensors.items():
+            if ".experts." in name:
+                tensors[name] = (t.float() + scale * torch.randn(t.shape, generator=g)).to(t.dtype)
+        save_file(tensors, f, metadata={"format": "pt"})
+        assert SafetensorsFile(f).tensors == SafetensorsFile(src / f.name).tensors  # names, dtypes, shapes, offsets
+    return out

@@ -41,22 +41,40 @@ def label(c: int | float) -> str:
 
 
 def guard(fn):
-    """Run fn(); OffloadError / ValueError / missing files become one red line and exit 2."""
+    """Run fn(); OffloadError / ValueError / missing files become one red line and exit 2, and so does any other
+    file that cannot be read or written (an output path on a read-only filesystem, say)."""
     try:
         return fn()
     except (OffloadError, ValueError, FileNotFoundError, KeyError) as e:
         fail(str(e).strip("'\""))
+    except OSError as e:
+        fail(f"cannot use {e.filename} ({e.strerror}); check the path and its permissions")
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """The UTF-8 text of the user's `what` file (prompts, held-out text), or an OffloadError naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise OffloadError(f"{what} {path} does not exist; pass an existing UTF-8 text file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise OffloadError(f"cannot read {what} {path} ({why}); pass a readable UTF-8 text file") from None
 
 
 def load_trace(path: Path):
+    import zipfile
+
     from cache import Trace
 
     if not path.exists():
         raise FileNotFoundError(f"trace file {path} does not exist; record one with `offload-bench trace`")
     try:
         return Trace.load(path)
-    except (OSError, EOFError) as e:  # not a zip / corrupt
-        raise ValueError(f"{path} is not a readable .npz trace ({e})") from None
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:  # not a zip, truncated, foreign
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise OffloadError(f"{path} is not a readable .npz trace ({first}); record it again with "
+                           f"`offload-bench trace`") from None
 
 
 def total_experts(model_dir: Path) -> int:

@@ -52,6 +52,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from offload.bench.common import read_text_file
+
 DEFAULT_FORMATS = "bf16,int8,int4-g32,int4-g64,int4-g128,int4-adaptive,int3,int2,ternary,ternary-z80,ternary-z90"
 TEXT_TOKENS = 2048   # held-out tokens scored per format: a few windows at the model's context, seconds per format
 PROMPT_TOKENS = 32   # the agreement / speed prompt: the held-out text's first tokens
@@ -206,7 +208,7 @@ def heldout_ids(tokenizer, path: Path, limit: int):
     """The first `limit` tokens of the file as a [1, T] tensor (the text is tokenized as one stream)."""
     import transformers
 
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_text_file(path, "held-out text file")
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "longer than model_max_length": we cut it ourselves
     try:

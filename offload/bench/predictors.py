@@ -22,7 +22,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from offload.bench.common import guard, out, prompt_ids, split_list
+from offload.bench.common import guard, out, prompt_ids, read_text_file, split_list
 DEFAULT_PROMPTS = [
     "The king looked out over the city and said that the night was long.",
     "She opened the letter slowly, for she knew that it would bring bad news.",
@@ -47,9 +47,7 @@ def lookaheads(values: Optional[list[str]], default: str) -> list[int]:
 def _texts(prompt: Optional[list[str]], prompts: Optional[Path]) -> list[str]:
     texts = list(prompt or [])
     if prompts is not None:
-        if not prompts.exists():
-            raise FileNotFoundError(f"prompts file {prompts} does not exist")
-        texts += [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
+        texts += [line.strip() for line in read_text_file(prompts, "prompts file").splitlines() if line.strip()]
     return texts or list(DEFAULT_PROMPTS)
 
 

@@ -20,7 +20,7 @@ def run(
     policy: Optional[list[str]] = typer.Option(None, help="eviction policies [default: lru]"),
     predictor: Optional[list[str]] = typer.Option(None, help="predictors: none, gate, previous, ... [default: none]"),
     lookahead: int = typer.Option(1, min=0, max=8, help="MoE layers the predictor looks ahead (0: from the layer's own entry)"),
-    store: str = typer.Option("ram", help="ram or disk"),
+    store: Optional[str] = typer.Option(None, help="ram or disk [default: disk with --store-dir, else ram]"),
     store_dir: Optional[Path] = typer.Option(None, help="disk store directory (store=disk)"),
     max_new_tokens: int = typer.Option(16, min=1),
     repeats: int = typer.Option(3, min=1),
@@ -90,7 +90,7 @@ def run(
         prof = sorted(profs, key=lambda p: cm.local_decode_seconds(shape, p, 1.0, config=config))[len(profs) // 2]
         base = rows[0]["tok_s"]
         t = Table(title=f"measured decode on this machine: {model_dir.name}, {max_new_tokens} new tokens, "
-                        f"median of {repeats}, store={store}")
+                        f"median of {repeats}, store={tier}")
         for col in ("config", "tok/s", "vs resident", "hit rate", "KB/token", "stall ms/tok", "prefetch useful/issued",
                     "cost model tok/s", "model error"):
             t.add_column(col, justify="left" if col == "config" else "right")

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from offload.bench.common import guard, out, prompt_ids
+from offload.bench.common import guard, out, prompt_ids, read_text_file
 
 
 def trace(
@@ -26,9 +26,7 @@ def trace(
     def go():
         texts = list(prompt or [])
         if prompts is not None:
-            if not prompts.exists():
-                raise FileNotFoundError(f"prompts file {prompts} does not exist")
-            texts += [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
+            texts += [line.strip() for line in read_text_file(prompts, "prompts file").splitlines() if line.strip()]
         model = OffloadedModel.from_pretrained(model_dir, trace=True)  # routing never depends on the cache size
         try:
             for i, text in enumerate(texts or [None]):

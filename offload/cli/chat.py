@@ -26,7 +26,8 @@ def chat(
     dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32"),
     cache_experts: Optional[int] = typer.Option(None, help="resident expert slots (default: what fits)"),
     cache_memory: Optional[str] = typer.Option(None, help="or a byte budget for them, e.g. 2GiB"),
-    store: str = typer.Option("ram", help="ram (checkpoint, mmap) or disk (converted store)"),
+    store: Optional[str] = typer.Option(None, help="ram (checkpoint, mmap) or disk (converted store) "
+                                                   "[default: disk with --store-dir, else ram]"),
     store_dir: Optional[Path] = typer.Option(None, help="directory of the disk store"),
     bits: Optional[str] = typer.Option(None, help="expert format: 16, 8, 4, 3, 2, ternary, int4-g64, ternary-z90, ..."),
     policy: str = typer.Option("lru", help="cache eviction policy"),
@@ -51,7 +52,7 @@ def chat(
                      cache_memory=cache_memory, store=store, store_dir=str(store_dir) if store_dir else None,
                      bits=bits_option(bits), policy=policy, predictor=predictor, lookahead=lookahead, context=context)
         if model.tokenizer is None:
-            fail(f"{model_dir} has no tokenizer files; offload-chat needs the checkpoint's tokenizer")
+            fail(f"{model.source.model_dir} has no tokenizer files; offload-chat needs the checkpoint's tokenizer")
         if seed is not None:
             torch.manual_seed(seed)
         session = Chat(model, Settings(max_new_tokens, temperature, top_p, system), console=console)

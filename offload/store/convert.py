@@ -25,7 +25,8 @@ from offload.errors import OffloadError
 from offload.store.source import CheckpointSource
 from offload.formats.record import RecordCodec, format_rule
 from offload.store.codec import compress
-from offload.store.disk import ALIGN, ALIGN_MIN, DATA, INDEX, STORE_VERSION, DiskStore, RamStore, checksum
+from offload.store.disk import (ALIGN, ALIGN_MIN, DATA, INDEX, STORE_VERSION, DiskStore, RamStore, checksum,
+                                read_index)
 
 JOURNAL = "journal.json"
 PARTIAL = DATA + ".partial"
@@ -63,12 +64,12 @@ def open_or_convert(source: CheckpointSource, store_dir: Path, settings: dict, c
                     progress: bool = True, verify: bool = True, direct: bool = True) -> DiskStore:
     """Reuse the store in `store_dir` if it was made from this checkpoint with these settings, else build it."""
     store_dir = Path(store_dir)
-    fingerprint = source.fingerprint()
     if (store_dir / INDEX).exists():
-        index = json.loads((store_dir / INDEX).read_text())
-        if index.get("fingerprint") != fingerprint:
-            raise OffloadError(f"store {store_dir} was made from a different checkpoint; use another store_dir or "
-                               f"delete {store_dir} to rebuild it")
+        index = read_index(store_dir)
+        if index.get("fingerprint") != source.fingerprint():
+            raise OffloadError(f"store {store_dir} was made from a different checkpoint (its experts differ from "
+                               f"{source.model_dir}'s); use another store_dir (--store-dir) or delete {store_dir} "
+                               f"to reconvert")
         if index.get("settings") != settings:
             raise OffloadError(f"store {store_dir} was made with settings {index.get('settings')}, not {settings}; "
                                f"use another store_dir or delete {store_dir} to rebuild it")
@@ -85,17 +86,35 @@ def convert(source: CheckpointSource, store_dir: Path, settings: dict, codec: Re
     store_dir = Path(store_dir)
     if store_dir.exists() and not store_dir.is_dir():
         raise OffloadError(f"store_dir {store_dir} exists and is not a directory; choose another store_dir")
+    record_bytes = codec.record_bytes if codec else source.layout.nbytes
+    try:
+        _write(source, store_dir, settings, codec, progress, record_bytes)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OffloadError(f"disk full while writing the expert store in {store_dir} (needs up to "
+                               f"{len(source.keys()) * record_bytes / 2**20:.0f} MiB); free space or choose another "
+                               f"store_dir, then rerun to resume") from None
+        raise OffloadError(f"cannot write the expert store in {store_dir} ({e.strerror}); choose a writable "
+                           f"store_dir (--store-dir)") from None
+    return store_dir
+
+
+def _write(source: CheckpointSource, store_dir: Path, settings: dict, codec: RecordCodec | None, progress: bool,
+           record_bytes: int) -> None:
+    """`convert`'s writing half: every OSError it raises is about `store_dir` (checkpoint reads raise OffloadError)."""
     store_dir.mkdir(parents=True, exist_ok=True)
     encode = codec.encode if codec else lambda key, t: (settings.get("format", "dense"), source.layout, t)
-    record_bytes = codec.record_bytes if codec else source.layout.nbytes
     keys = source.keys()
     head = {"version": STORE_VERSION, "fingerprint": source.fingerprint(), "settings": settings,
             "record_bytes": record_bytes, "num_records": len(keys)}
     journal_path, partial = store_dir / JOURNAL, store_dir / PARTIAL
     journal = {**head, "layouts": {}, "records": []}
     if journal_path.exists():
-        old = json.loads(journal_path.read_text())
-        if {k: old.get(k) for k in head} == head:
+        try:
+            old = json.loads(journal_path.read_text())
+        except (OSError, ValueError):  # a journal only says what can be resumed: unreadable means start over
+            old = {}
+        if isinstance(old, dict) and {k: old.get(k) for k in head} == head:
             journal = old
             if not partial.exists() and (store_dir / DATA).exists():  # killed between the final rename and index
                 os.replace(store_dir / DATA, partial)
@@ -105,40 +124,32 @@ def convert(source: CheckpointSource, store_dir: Path, settings: dict, codec: Re
     end = journal["records"][-1][4] + journal["records"][-1][5] if done else 0  # offset + length of the last
     buf = torch.zeros(record_bytes, dtype=torch.uint8)
     mode = "r+b" if done else "wb"
-    try:
-        with open(partial, mode) as f, _progress(progress, len(keys) * record_bytes, done * record_bytes) as bar:
-            f.truncate(end)
-            f.seek(end)
-            last_sync = time.monotonic()
-            for i in range(done, len(keys)):
-                key = keys[i]
-                fmt, layout, tensors = encode(key, source.read(key))
-                layout.pack(tensors, buf[: layout.nbytes])
-                lzma_too = codec is not None and codec.entropy_coded(fmt)
-                data, how = compress(memoryview(buf[: layout.nbytes].numpy()), lzma_too)
-                if len(data) >= ALIGN_MIN and end % ALIGN:  # long records start aligned: direct reads, no bounce
-                    f.write(bytes(-end % ALIGN))
-                    end += -end % ALIGN
-                f.write(data)
-                journal["layouts"].setdefault(fmt, layout.to_json())
-                journal["records"].append([key[0], key[1], fmt, checksum(data), end, len(data), how])
-                end += len(data)
-                bar(record_bytes)
-                if time.monotonic() - last_sync > 1.0 or i == len(keys) - 1:
-                    f.flush()
-                    os.fsync(f.fileno())
-                    atomic_write_text(journal_path, json.dumps(journal))
-                    last_sync = time.monotonic()
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise OffloadError(f"disk full while writing the expert store in {store_dir} (needs up to "
-                               f"{len(keys) * record_bytes / 2**20:.0f} MiB); free space or choose another "
-                               f"store_dir, then rerun to resume") from None
-        raise
+    with open(partial, mode) as f, _progress(progress, len(keys) * record_bytes, done * record_bytes) as bar:
+        f.truncate(end)
+        f.seek(end)
+        last_sync = time.monotonic()
+        for i in range(done, len(keys)):
+            key = keys[i]
+            fmt, layout, tensors = encode(key, source.read(key))
+            layout.pack(tensors, buf[: layout.nbytes])
+            lzma_too = codec is not None and codec.entropy_coded(fmt)
+            data, how = compress(memoryview(buf[: layout.nbytes].numpy()), lzma_too)
+            if len(data) >= ALIGN_MIN and end % ALIGN:  # long records start aligned: direct reads, no bounce
+                f.write(bytes(-end % ALIGN))
+                end += -end % ALIGN
+            f.write(data)
+            journal["layouts"].setdefault(fmt, layout.to_json())
+            journal["records"].append([key[0], key[1], fmt, checksum(data), end, len(data), how])
+            end += len(data)
+            bar(record_bytes)
+            if time.monotonic() - last_sync > 1.0 or i == len(keys) - 1:
+                f.flush()
+                os.fsync(f.fileno())
+                atomic_write_text(journal_path, json.dumps(journal))
+                last_sync = time.monotonic()
     os.replace(partial, store_dir / DATA)
     atomic_write_text(store_dir / INDEX, json.dumps({k: v for k, v in journal.items()}))
     journal_path.unlink()
-    return store_dir
 
 
 class _progress:

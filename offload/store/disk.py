@@ -35,7 +35,7 @@ from offload.store.source import CheckpointSource, Key
 
 INDEX = "index.json"
 DATA = "experts.bin"
-STORE_VERSION = 2  # 2: xxh3-64 record checksums (1 used crc32, 10x slower to verify), variable-length records
+STORE_VERSION = 3  # 3: the fingerprint covers sampled expert bytes; 2: xxh3-64 record checksums, variable lengths
 
 ALIGN = 4096          # direct-I/O alignment: covers 512-byte and 4 KiB logical blocks
 ALIGN_MIN = 64 << 10  # records this long start on an ALIGN boundary (padding costs them < 6.25%)
@@ -68,6 +68,23 @@ class Record(NamedTuple):
     offset: int
     length: int          # bytes stored in the data file
     codec: str | None    # None (raw), 'lz4' or 'lzma'
+
+
+def read_index(store_dir: Path) -> dict:
+    """index.json of the store in `store_dir`, or an OffloadError naming it (unreadable, truncated, another version)."""
+    path = Path(store_dir) / INDEX
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise OffloadError(f"cannot read expert store index {path} ({e}); delete {store_dir} to rebuild the "
+                           f"store") from None
+    if not isinstance(index, dict):
+        raise OffloadError(f"expert store index {path} is malformed (not a JSON object); delete {store_dir} to "
+                           f"rebuild the store")
+    if index.get("version") != STORE_VERSION:
+        raise OffloadError(f"store {store_dir} has version {index.get('version')}, this moe-offload reads version "
+                           f"{STORE_VERSION}; delete {store_dir} to reconvert it (or use another store_dir)")
+    return index
 
 
 class RamStore:
@@ -105,14 +122,7 @@ class DiskStore:
     def __init__(self, store_dir: Path, verify: bool = True, direct: bool = True) -> None:
         self._fd = self._dfd = -1
         self.dir = Path(store_dir)
-        try:
-            self.index = json.loads((self.dir / INDEX).read_text())
-        except (OSError, ValueError) as e:
-            raise OffloadError(f"cannot read expert store index {self.dir / INDEX} ({e}); delete {self.dir} to "
-                               f"rebuild the store") from None
-        if self.index.get("version") != STORE_VERSION:
-            raise OffloadError(f"store {self.dir} has version {self.index.get('version')}, this moe-offload reads "
-                               f"version {STORE_VERSION}; delete {self.dir} to rebuild it")
+        self.index = read_index(self.dir)
         try:
             self.record_bytes: int = self.index["record_bytes"]  # the largest decoded record: buffers hold any
             # a buffer of this size at an ALIGN-aligned address takes any record without a bounce
@@ -128,8 +138,12 @@ class DiskStore:
         if not path.exists() or path.stat().st_size != expected:
             raise OffloadError(f"{path} is missing or truncated (expected {expected} bytes); delete {self.dir} to "
                                f"rebuild the store")
-        self._fd = os.open(path, os.O_RDONLY)
-        self._dfd = _open_direct(path) if direct else -1
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+            self._dfd = _open_direct(path) if direct else -1
+        except OSError as e:
+            raise OffloadError(f"cannot open {path} ({e.strerror}); make it readable or delete {self.dir} to "
+                               f"rebuild the store") from None
         self.direct = self._dfd >= 0
         self._local = threading.local()  # per thread: a bounce buffer for direct reads that need one
 
@@ -161,13 +175,17 @@ class DiskStore:
                 data, in_place = self._read_direct(key, r, view, out.data_ptr())
             except OSError as e:  # a filesystem that opens O_DIRECT files but refuses their reads
                 if e.errno != errno.EINVAL:
-                    raise
+                    raise self._corrupt(key, f"read error ({e.strerror})") from None
                 self.direct = False
                 return self.read_into(key, out)
         else:
             in_place = r.codec is None  # compressed: read the stored bytes aside first
             data = view if in_place else memoryview(bytearray(r.length))
-            if os.preadv(self._fd, [data[:r.length]], r.offset) != r.length:
+            try:
+                got = os.preadv(self._fd, [data[:r.length]], r.offset)
+            except OSError as e:
+                raise self._corrupt(key, f"read error ({e.strerror})") from None
+            if got != r.length:
                 raise self._corrupt(key, "short read")
             data = data[:r.length]
         if self.verify and checksum(data) != r.digest:

@@ -44,6 +44,8 @@ class Tensor(Protocol):
 
     def read_into(self, index: int | None, out: torch.Tensor) -> int: ...
 
+    def parts(self) -> list[Stored]: ...
+
 
 @dataclass(frozen=True)
 class Stored:
@@ -58,6 +60,9 @@ class Stored:
 
     def disk_bytes(self, index: int | None = None) -> int:
         return self.file.nbytes(self.name, index)
+
+    def parts(self) -> list[Stored]:
+        return [self]
 
     def read(self, index: int | None, dtype: torch.dtype) -> torch.Tensor:
         return self.file.read(self.name, index).to(dtype)
@@ -103,6 +108,9 @@ class Mxfp4Tensor:
     def disk_bytes(self, index: int | None = None) -> int:
         return self.blocks.disk_bytes(index) + self.scales.disk_bytes(index)
 
+    def parts(self) -> list[Stored]:
+        return [self.blocks, self.scales]
+
     def _decoded(self, index: int | None, dtype: torch.dtype) -> torch.Tensor:
         """A transposed view; `read` makes it contiguous, `read_into` copies it straight into its slot."""
         return decode_mxfp4(self.blocks.file.read(self.blocks.name, index),
@@ -130,6 +138,9 @@ class Fp8Tensor:
 
     def disk_bytes(self, index: int | None = None) -> int:
         return self.weight.disk_bytes(index) + self.scale.disk_bytes(index)
+
+    def parts(self) -> list[Stored]:
+        return [self.weight, self.scale]
 
     def read(self, index: int | None, dtype: torch.dtype) -> torch.Tensor:
         shape = self.shape[1:] if index is not None else self.shape

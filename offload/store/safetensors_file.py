@@ -23,22 +23,33 @@ DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F
 
 class SafetensorsFile:
     def __init__(self, path: Path) -> None:
+        """Parse the header, and refuse a file too short for the tensors it lists (a truncated download) here,
+        before transformers or a read deep inside generation trips over it."""
         self.path = Path(path)
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                raise OffloadError(f"{self.path} is not a safetensors file (too short); re-save the checkpoint")
-            (n,) = struct.unpack("<Q", head)
-            raw = f.read(n)
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) != 8:
+                    raise OffloadError(f"{self.path} is not a safetensors file (too short); re-download or "
+                                       f"re-save the checkpoint")
+                (n,) = struct.unpack("<Q", head)
+                raw = f.read(n)
+                size = os.fstat(f.fileno()).st_size
+        except OSError as e:
+            raise OffloadError(f"cannot read {self.path} ({e.strerror}); check that it is a readable file, or "
+                               f"re-download the checkpoint") from None
         try:
             header = json.loads(raw)
-        except ValueError:
+            header.pop("__metadata__", None)
+            self.tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {
+                name: (info["dtype"], tuple(info["shape"]), *info["data_offsets"]) for name, info in header.items()}
+        except (ValueError, AttributeError, KeyError, TypeError):
             raise OffloadError(f"{self.path} has a corrupt safetensors header; re-download or re-save it") from None
-        header.pop("__metadata__", None)
-        self.header_bytes = raw
         self.data_start = 8 + n
-        self.tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {
-            name: (info["dtype"], tuple(info["shape"]), *info["data_offsets"]) for name, info in header.items()}
+        need = self.data_start + max((t[3] for t in self.tensors.values()), default=0)
+        if size < need:
+            raise OffloadError(f"{self.path} is truncated ({size} of {need} bytes); re-download or re-save the "
+                               f"checkpoint")
 
     def keys(self):
         return self.tensors.keys()
@@ -63,13 +74,38 @@ class SafetensorsFile:
         return dtype, shape, begin, end
 
     def _pread(self, dst, begin: int, name: str) -> None:
-        fd = os.open(self.path, os.O_RDONLY)
         try:
-            got = os.preadv(fd, [dst], self.data_start + begin)
-        finally:
-            os.close(fd)
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                got = os.preadv(fd, [dst], self.data_start + begin)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise OffloadError(f"cannot read tensor {name} from {self.path} ({e.strerror}); check the file, or "
+                               f"re-download the checkpoint") from None
         if got != len(dst):
             raise OffloadError(f"{self.path} is truncated (tensor {name}); re-download or re-save the checkpoint")
+
+    def samples(self, wanted: list[tuple[str, int | None]], block: int, per: int) -> list[list[bytes]]:
+        """For each (tensor, slice index) in `wanted`: `per` (1-3) blocks of `block` bytes spread over its data
+        (the middle; the start and end; or all three), one pread each over one descriptor. Enough to tell a
+        fine-tune from its base without reading it."""
+        out = []
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                for name, index in wanted:
+                    _dtype, _shape, begin, end = self._extent(name, index)
+                    n = end - begin
+                    starts = {1: [n // 2 - block // 2], 2: [0, n - block], 3: [0, n // 2 - block // 2, n - block]}
+                    spans = [(0, n)] if n <= per * block else [(s, block) for s in starts[per]]
+                    out.append([os.pread(fd, length, self.data_start + begin + s) for s, length in spans])
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise OffloadError(f"cannot read {self.path} ({e.strerror}); check the file, or re-download the "
+                               f"checkpoint") from None
+        return out
 
     def read(self, name: str, index: int | None = None) -> torch.Tensor:
         """Tensor `name`, or its `index`-th slice along dim 0 (one expert of a fused tensor)."""

@@ -196,3 +196,29 @@ def test_bad_input_is_one_line_and_exit_2(recorded, args):
     r = runner.invoke(app, [a.replace("{trace}", str(recorded)) for a in args])
     assert r.exit_code == 2, r.output
     assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("what", ["truncated", "not a zip", "a directory"])
+def test_unreadable_trace_is_one_line(recorded, tmp_path, what):
+    bad = tmp_path / "bad.npz"
+    if what == "truncated":
+        bad.write_bytes(recorded.read_bytes()[:200])
+    elif what == "not a zip":
+        bad.write_bytes(b"\x93NUMPY garbage")
+    else:
+        bad.mkdir()
+    r = runner.invoke(app, ["policies", str(bad)])
+    assert r.exit_code == 2, (r.output, r.exception)
+    assert "bad.npz" in r.output and "offload-bench trace" in r.output
+
+
+@pytest.mark.parametrize("what", ["a directory", "binary"])
+def test_unreadable_prompts_file_is_one_line(tiny_dir, tmp_path, what):
+    bad = tmp_path / "prompts.txt"
+    if what == "binary":
+        bad.write_bytes(b"\xff\xfe\x00\x81")
+    else:
+        bad.mkdir()
+    r = runner.invoke(app, ["trace", str(tiny_dir("mixtral")), "--prompts", str(bad), "--out", str(tmp_path / "t.npz")])
+    assert r.exit_code == 2, (r.output, r.exception)
+    assert "prompts file" in r.output and "UTF-8" in r.output

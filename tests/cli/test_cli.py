@@ -120,3 +120,108 @@ def test_entry_points_installed():
     for tool in ("offload-chat", "offload-convert", "offload-bench"):
         r = subprocess.run([tool, "--help"], capture_output=True, text=True)
         assert r.returncode == 0, (tool, r.stderr[-500:])
+
+
+# --- one line, exit 2, for what a user's files and flags get wrong -------------------------------------
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+def assert_one_line_exit_2(r, *fragments: str) -> None:
+    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
+    assert "Traceback" not in r.output
+    (line,) = error_lines(r.output)
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory nobody can write: a read-only tmpfs mount for root (whom chmod does not stop), else mode 555."""
+    d = tmp_path / "ro"
+    d.mkdir()
+    if os.geteuid() != 0:
+        d.chmod(0o555)
+        yield d
+        d.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(d)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], check=True)
+
+
+def chat_args(model, *more: str) -> list[str]:
+    return [str(model), "--prompt", "w1", "--max-new-tokens", "2", "--cache-experts", "4", *more]
+
+
+def test_store_of_a_fine_tune_is_refused(tiny_dir, tmp_path):
+    from tiny_models import fine_tune
+
+    store = str(tmp_path / "s")
+    r = runner.invoke(chat_app, chat_args(tiny_dir("mixtral"), "--store", "disk", "--store-dir", store))
+    assert r.exit_code == 0, r.output
+    tuned = fine_tune(tiny_dir("mixtral"), tmp_path / "tuned")
+    r = runner.invoke(chat_app, chat_args(tuned, "--store", "disk", "--store-dir", store))
+    assert_one_line_exit_2(r, "different checkpoint", "--store-dir", "reconvert")
+
+
+def test_truncated_safetensors_is_one_line(tiny_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_dir("mixtral"), tmp_path / "m")
+    f = next((tmp_path / "m").glob("*.safetensors"))
+    os.truncate(f, f.stat().st_size // 2)
+    assert_one_line_exit_2(runner.invoke(chat_app, chat_args(tmp_path / "m")), "truncated", "re-download")
+    r = runner.invoke(convert_app, [str(tmp_path / "m"), "--out", str(tmp_path / "s")])
+    assert_one_line_exit_2(r, "truncated", "re-download")
+
+
+@pytest.mark.parametrize("content", ["", '{"version": 3, "records": [[0,'])
+def test_empty_or_truncated_store_index_is_one_line(tiny_dir, tmp_path, content):
+    store = tmp_path / "s"
+    assert runner.invoke(convert_app, [str(tiny_dir("mixtral")), "--out", str(store)]).exit_code == 0
+    (store / "index.json").write_text(content)
+    r = runner.invoke(chat_app, chat_args(tiny_dir("mixtral"), "--store-dir", str(store)))
+    assert_one_line_exit_2(r, "index.json", "delete")
+    assert_one_line_exit_2(runner.invoke(convert_app, [str(tiny_dir("mixtral")), "--out", str(store)]), "index.json")
+
+
+def test_read_only_store_dir_is_one_line(tiny_dir, read_only_dir):
+    store = str(read_only_dir / "s")
+    r = runner.invoke(chat_app, chat_args(tiny_dir("mixtral"), "--store", "disk", "--store-dir", store))
+    assert_one_line_exit_2(r, "cannot write the expert store", "--store-dir")
+    r = runner.invoke(convert_app, [str(tiny_dir("mixtral")), "--out", store])
+    assert_one_line_exit_2(r, "cannot write the expert store", store)
+
+
+def test_corrupt_tokenizer_is_one_line(tiny_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_dir("mixtral"), tmp_path / "m")
+    (tmp_path / "m" / "tokenizer.json").write_bytes(b"\xff\xfe not json")
+    assert_one_line_exit_2(runner.invoke(chat_app, chat_args(tmp_path / "m")), "tokenizer", "re-download")
+
+
+def test_store_dir_alone_uses_the_disk_store(tiny_dir, tmp_path):
+    r = runner.invoke(chat_app, chat_args(tiny_dir("mixtral"), "--store-dir", str(tmp_path / "s")))
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "s" / "index.json").exists() and "(disk)" in r.output
+    r = runner.invoke(chat_app, chat_args(tiny_dir("mixtral"), "--store", "ram", "--store-dir", str(tmp_path / "t")))
+    assert_one_line_exit_2(r, "is for the disk store", "--store ram")
+    assert not (tmp_path / "t").exists()
+
+
+def test_cache_larger_than_the_model_says_it_was_capped(tiny_dir):
+    r = runner.invoke(chat_app, [str(tiny_dir("mixtral")), "--prompt", "w1", "--max-new-tokens", "2",
+                                 "--cache-experts", "1000"], env={"COLUMNS": "200"})  # the plan row unwrapped
+    assert r.exit_code == 0, r.output
+    assert "cache_experts=1000 capped to the model's 24" in r.output
+
+
+def test_belady_is_refused_before_loading(tiny_dir):
+    r = runner.invoke(chat_app, chat_args(tiny_dir("mixtral"), "--policy", "belady"))
+    assert_one_line_exit_2(r, "belady", "offload-bench policies")
+    assert "memory plan" not in r.output

@@ -15,6 +15,7 @@ from offload.formats.record import RecordCodec, format_rule
 from offload.store.convert import JOURNAL, PARTIAL, build_store, convert
 from offload.store.source import CheckpointSource
 from offload.store.disk import ALIGN, ALIGN_MIN, DATA, INDEX, DiskStore, RamStore, aligned_buffer
+from tiny_models import fine_tune
 
 
 def source_of(path, arch="mixtral", dtype=torch.bfloat16):
@@ -106,16 +107,9 @@ def test_interrupted_conversion_resumes_byte_identical(tiny_dir, tmp_path, monke
     assert digest(tmp_path / "resumed") == digest(tmp_path / "clean")
 
 
-def test_store_from_other_checkpoint_or_settings_is_refused(tiny_dir, tmp_path):
+def test_store_made_with_other_settings_is_refused(tiny_dir, tmp_path):
     a = tiny_dir("mixtral")
     OffloadedModel.from_pretrained(a, store="disk", store_dir=tmp_path / "s").close()
-    other = tmp_path / "other"
-    shutil.copytree(a, other)
-    cfg = json.loads((other / "config.json").read_text())
-    cfg["rms_norm_eps"] = 1e-5
-    (other / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(OffloadError, match="different checkpoint"):
-        OffloadedModel.from_pretrained(other, store="disk", store_dir=tmp_path / "s")
     with pytest.raises(OffloadError, match="made with settings"):
         OffloadedModel.from_pretrained(a, store="disk", store_dir=tmp_path / "s", dtype="float32")
 
@@ -287,3 +281,148 @@ def test_ram_store_preads_into_the_record_exactly_as_read_and_pack(tiny_dir, arc
         views = src.layout.views(got[: store.record_bytes])
         for name, ref in src.layout.views(want).items():
             assert torch.equal(views[name], ref), (key, name)
+
+
+# --- identity: a store serves only the experts it was converted from --------------------------------
+def test_store_of_the_demo_is_refused_for_its_fine_tune(tmp_path):
+    build_store(DEMO_MODEL, tmp_path / "s", progress=False)
+    tuned = fine_tune(DEMO_MODEL, tmp_path / "tuned")
+    with pytest.raises(OffloadError, match=r"different checkpoint .*store_dir.* reconvert") as e:
+        OffloadedModel.from_pretrained(tuned, store="disk", store_dir=tmp_path / "s")
+    assert "\n" not in str(e.value)
+    with pytest.raises(OffloadError, match="different checkpoint"):
+        build_store(tuned, tmp_path / "s", progress=False)
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "qwen3_moe"])  # fused [E, ...] tensors, and one tensor per expert
+def test_one_changed_expert_changes_the_fingerprint(tiny_dir, tmp_path, arch):
+    from safetensors.torch import load_file, save_file
+
+    src = source_of(tiny_dir(arch), arch)
+    shutil.copytree(tiny_dir(arch), tmp_path / "m")
+    f = next((tmp_path / "m").glob("*.safetensors"))
+    tensors = load_file(f)
+    name = next(n for n in sorted(tensors) if ".experts." in n and n.endswith(("down_proj", "down_proj.weight")))
+    t = tensors[name]
+    row = t[5] if t.dim() == 3 else t  # expert 5 of a fused tensor, or the tensor of one expert
+    row.view(-1)[row.numel() // 2] += 1.0  # one value in the middle
+    save_file(tensors, f, metadata={"format": "pt"})
+    assert source_of(tmp_path / "m", arch).fingerprint() != src.fingerprint()
+
+
+def test_non_expert_changes_keep_the_store(tiny_dir, tmp_path):
+    """The store holds experts only: another norm epsilon or attention weight reuses it, unconverted."""
+    from safetensors.torch import load_file, save_file
+
+    a = tiny_dir("mixtral")
+    OffloadedModel.from_pretrained(a, store="disk", store_dir=tmp_path / "s").close()
+    before = (tmp_path / "s" / DATA).stat().st_mtime_ns
+    other = tmp_path / "other"
+    shutil.copytree(a, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1e-5
+    (other / "config.json").write_text(json.dumps(cfg))
+    f = next(other.glob("*.safetensors"))
+    tensors = load_file(f)
+    tensors["model.layers.0.self_attn.q_proj.weight"] += 1.0
+    save_file(tensors, f, metadata={"format": "pt"})
+    OffloadedModel.from_pretrained(other, store="disk", store_dir=tmp_path / "s").close()
+    assert (tmp_path / "s" / DATA).stat().st_mtime_ns == before
+
+
+def test_store_of_an_older_version_is_refused_with_the_fix(tiny_dir, tmp_path):
+    path = tiny_dir("mixtral")
+    OffloadedModel.from_pretrained(path, store="disk", store_dir=tmp_path / "s").close()
+    index = json.loads((tmp_path / "s" / INDEX).read_text())
+    index["version"] = 2
+    del index["fingerprint"]
+    (tmp_path / "s" / INDEX).write_text(json.dumps(index))
+    with pytest.raises(OffloadError, match=r"version 2.*delete .* reconvert"):
+        OffloadedModel.from_pretrained(path, store="disk", store_dir=tmp_path / "s")
+
+
+def count_preads(monkeypatch) -> list[int]:
+    import os
+
+    reads: list[int] = []
+    real = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, offset: reads.append(n) or real(fd, n, offset))
+    return reads
+
+
+def test_fingerprint_reads_a_few_kib_per_expert_tensor(monkeypatch):
+    """Cheap enough for every open: the demo's 192 expert tensors, three 4 KiB preads each, whatever their size."""
+    reads = count_preads(monkeypatch)
+    CheckpointSource(DEMO_MODEL, ARCHS["qwen3_moe"], 16, torch.bfloat16).fingerprint()
+    assert len(reads) == 3 * 3 * 64 and max(reads) <= 4096
+
+
+def test_fingerprint_of_many_tensors_stays_within_its_reads(tiny_dir, tmp_path, monkeypatch):
+    """More expert tensors than MAX_SAMPLES (fine-grained MoEs): at most that many reads, and a fine-tune is
+    still told apart."""
+    import offload.store.source as source
+
+    monkeypatch.setattr(source, "MAX_SAMPLES", 24)  # the tiny model's 72 tensors are then "many"
+    tuned = fine_tune(tiny_dir("mixtral"), tmp_path / "tuned")
+    reads = count_preads(monkeypatch)
+    base = source_of(tiny_dir("mixtral")).fingerprint()
+    assert len(reads) == 24
+    assert source_of(tuned).fingerprint() != base
+
+
+# --- unreadable files: one line naming the file and the fix ------------------------------------------
+@pytest.mark.parametrize("keep", [100, 0.5])  # inside the header, inside the tensor data
+def test_truncated_safetensors_is_named(tiny_dir, tmp_path, keep):
+    shutil.copytree(tiny_dir("mixtral"), tmp_path / "m")
+    f = next((tmp_path / "m").glob("*.safetensors"))
+    size = f.stat().st_size
+    with open(f, "r+b") as fh:
+        fh.truncate(keep if isinstance(keep, int) else int(size * keep))
+    with pytest.raises(OffloadError, match=rf"{f.name}.* re-download"):
+        OffloadedModel.from_pretrained(tmp_path / "m")
+
+
+def test_unreadable_safetensors_is_named(tiny_dir, tmp_path):
+    shutil.copytree(tiny_dir("mixtral"), tmp_path / "m")
+    (tmp_path / "m" / "extra.safetensors").mkdir()  # cannot be opened as a file
+    with pytest.raises(OffloadError, match=r"cannot read .*extra.safetensors"):
+        OffloadedModel.from_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("content", ["", '{"version": 3, "fing', "[1, 2]"])
+def test_truncated_or_empty_index_is_named(tiny_dir, tmp_path, content):
+    path = tiny_dir("mixtral")
+    OffloadedModel.from_pretrained(path, store="disk", store_dir=tmp_path / "s").close()
+    (tmp_path / "s" / INDEX).write_text(content)
+    with pytest.raises(OffloadError, match=r"index.json.*delete .* rebuild"):
+        OffloadedModel.from_pretrained(path, store="disk", store_dir=tmp_path / "s")
+    with pytest.raises(OffloadError, match=r"index.json.*delete .* rebuild"):
+        DiskStore(tmp_path / "s")
+
+
+def test_garbled_journal_restarts_the_conversion(tiny_dir, tmp_path):
+    """The journal only says what can be resumed: one we cannot parse means starting over, not a traceback."""
+    src = source_of(tiny_dir("mixtral"))
+    convert(src, tmp_path / "clean", {"format": "dense"}, progress=False)
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / JOURNAL).write_text('{"records": [[0, 0')
+    (tmp_path / "s" / PARTIAL).write_bytes(b"\x01" * 1000)
+    convert(src, tmp_path / "s", {"format": "dense"}, progress=False)
+    assert digest(tmp_path / "s") == digest(tmp_path / "clean")
+
+
+def test_read_only_store_dir_is_one_line(tiny_dir, tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    def read_only(path, mode="r", *a, **k):
+        if str(path).startswith(str(tmp_path / "s")) and any(c in mode for c in "wa+"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", read_only)
+    with pytest.raises(OffloadError, match=r"cannot write the expert store in .*s \(Read-only file system\); "
+                                           r"choose a writable store_dir"):
+        OffloadedModel.from_pretrained(tiny_dir("mixtral"), store="disk", store_dir=tmp_path / "s")
