@@ -11,6 +11,7 @@ atomically, is what makes a store valid.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -57,14 +58,24 @@ def open_or_convert(source: CheckpointSource, store_dir: Path, settings: dict, c
     if (store_dir / INDEX).exists():
         index = json.loads((store_dir / INDEX).read_text())
         if index.get("fingerprint") != fingerprint:
-            raise OffloadError(f"store {store_dir} was made from a different checkpoint; use another store_dir or "
+            raise OffloadError(f"store {store_dir} was made from a different checkpoint; use another store_dir=PATH or "
                                f"delete {store_dir} to rebuild it")
         if index.get("settings") != settings:
-            raise OffloadError(f"store {store_dir} was made with settings {index.get('settings')}, not {settings}; "
-                               f"use another store_dir or delete {store_dir} to rebuild it")
+            raise OffloadError(f"store {store_dir} was made with {_describe(index.get('settings') or {})}, not "
+                               f"{_describe(settings)}; use another store_dir=PATH or delete {store_dir} to rebuild it")
         return DiskStore(store_dir, verify=verify, direct=direct)
     convert(source, store_dir, settings, codec, progress)
     return DiskStore(store_dir, verify=verify, direct=direct)
+
+
+def _describe(settings: dict) -> str:
+    """Store settings for people: 'dtype bfloat16, format int4-g32' (the index keeps the format JSON-encoded)."""
+    def plain(value) -> str:
+        with contextlib.suppress(TypeError, ValueError):
+            value = json.loads(value)
+        return value if isinstance(value, str) else json.dumps(value)
+
+    return ", ".join(f"{k} {plain(v)}" for k, v in settings.items())
 
 
 def convert(source: CheckpointSource, store_dir: Path, settings: dict, codec: RecordCodec | None = None,
