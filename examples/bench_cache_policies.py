@@ -46,7 +46,7 @@ def main() -> None:
         path, trace = model_dir(work), work / "trace.npz"
         bench("trace", path, "--prompt", "The capital of France is", "--prompt", "def fibonacci(n):",
               "--max-new-tokens", 32, "--out", trace)
-        bench("policies", trace, "--capacity", "0.1,0.25,0.5,0.75")
+        bench("policies", trace, "--cache-experts", "10%,25%,50%,75%")
         bench("project", "--trace", trace, "--bits", 4, "--machine", "rtx4090")
 
 

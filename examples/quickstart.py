@@ -8,7 +8,7 @@ from pathlib import Path
 from offload import OffloadedModel
 
 model_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parents[1] / "offload" / "demo_model"
-model = OffloadedModel.from_pretrained(model_dir, cache_experts=16, store="ram", policy="lru", predictor="gate")
+model = OffloadedModel.from_pretrained(model_dir, cache_experts="25%", store="ram", policy="lru", predictor="gate")
 tok = model.tokenizer
 ids = tok("It was a bright cold day in April, and", return_tensors="pt")["input_ids"]
 out = model.generate(ids, max_new_tokens=40, do_sample=False)

@@ -1,6 +1,7 @@
 """OffloadConfig: every option of the engine, validated once, frozen afterwards."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, fields
 
@@ -25,6 +26,34 @@ def parse_bytes(value: int | str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def format_bytes(n: float, up: bool = False, sep: str = " ") -> str:
+    """Bytes as KiB/MiB/GiB for people; `up` rounds up (a minimum that must still suffice), `sep=""` makes
+    a value that reads back as an option (cache_memory=1.5MiB)."""
+    unit, scale = next((u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if n >= s or u == "KiB")
+    digits = 2 if unit == "GiB" else 1
+    value = math.ceil(n / scale * 10**digits) / 10**digits if up else n / scale
+    return f"{value:.{digits}f}{sep}{unit}"
+
+
+def parse_share(value: object) -> float | None:
+    """'25%' -> 0.25; None for anything that is not a percentage."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*%\s*", value) if isinstance(value, str) else None
+    return float(m.group(1)) / 100 if m else None
+
+
+def cache_slots(cache_experts: int | str | None, cache_memory: int | str | None, total: int,
+                expert_bytes: int) -> int | None:
+    """Resident slots for a cache size (None: none was given): a count, a share of all `total` experts, a byte
+    budget, or a share of all expert bytes (rounded down: a budget is a ceiling)."""
+    if cache_experts is not None:
+        share = parse_share(cache_experts)
+        return int(cache_experts) if share is None else max(1, round(share * total))
+    if cache_memory is not None:
+        share = parse_share(cache_memory)
+        return parse_bytes(cache_memory) // expert_bytes if share is None else int(share * total + 1e-9)
+    return None
+
+
 def parse_dtype(value: str | torch.dtype) -> torch.dtype:
     if isinstance(value, torch.dtype):
         if value in DTYPES.values():
@@ -44,8 +73,8 @@ class OffloadConfig:
                                         # store. Default: disk when store_dir is given, else ram
     store_dir: str | None = None        # where the disk store lives (required for store="disk")
     bits: int | str | dict | None = None  # expert format: None/16 dense, 8, 4, 3, 2, "ternary", or per-layer dict
-    cache_experts: int | None = None    # resident expert slots (global across layers)
-    cache_memory: int | str | None = None  # or a byte budget for the slots: 2GiB, 512MB...
+    cache_experts: int | str | None = None  # resident expert slots (global across layers): 16, or "25%" of all
+    cache_memory: int | str | None = None  # or a byte budget for the slots: 2GiB, 512MB, or "25%" of all experts' bytes
     policy: str = "lru"                 # eviction policy (cache.POLICIES)
     predictor: str | None = None        # expert predictor for prefetch (predictors.PREDICTORS); None = demand only
     lookahead: int = 1                  # MoE layers the predictor looks ahead (0: from the layer's own entry)
@@ -62,27 +91,29 @@ class OffloadConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
         if not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
-            raise OffloadError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+            raise OffloadError(f"device must be cpu, cuda or cuda:N, got device={self.device!r}")
         if str(self.device).startswith("cuda") and not torch.cuda.is_available():
-            raise OffloadError("device='cuda' was asked for but torch sees no CUDA GPU; use device='cpu'")
+            raise OffloadError(f"device={self.device!r} was asked for but torch sees no CUDA GPU; use device='cpu'")
         if self.store is None:  # a store_dir only means something for a disk store: giving one asks for it
             object.__setattr__(self, "store", "disk" if self.store_dir else "ram")
         if self.store not in STORES:
-            raise OffloadError(f"store must be one of {', '.join(STORES)}, got {self.store!r}")
+            raise OffloadError(f"store must be one of {', '.join(STORES)}, got store={self.store!r}")
         if self.store == "ram" and self.store_dir:
             raise OffloadError(f"store_dir={self.store_dir} is for the disk store, but store='ram' reads the "
-                               f"checkpoint itself; drop store='ram' (--store ram) to use the disk store, or drop "
-                               f"store_dir")
+                               f"checkpoint itself; drop store='ram' to use the disk store, or drop store_dir")
         if self.store == "disk" and not self.store_dir:
             raise OffloadError("store='disk' needs store_dir=PATH (where the converted expert store is kept)")
         if self.cache_experts is not None and self.cache_memory is not None:
-            raise OffloadError("give either cache_experts or cache_memory, not both")
-        if self.cache_experts is not None and (not isinstance(self.cache_experts, int) or self.cache_experts < 1):
-            raise OffloadError(f"cache_experts must be a positive integer, got {self.cache_experts!r}")
+            raise OffloadError("give either cache_experts=N or cache_memory=SIZE, not both")
+        if self.cache_experts is not None:
+            object.__setattr__(self, "cache_experts", _experts(self.cache_experts))
         if self.cache_memory is not None:
-            object.__setattr__(self, "cache_memory", parse_bytes(self.cache_memory))
-            if self.cache_memory <= 0:
-                raise OffloadError("cache_memory must be positive, e.g. 2GiB")
+            given, share = self.cache_memory, parse_share(self.cache_memory)
+            if share is None:
+                object.__setattr__(self, "cache_memory", parse_bytes(self.cache_memory))
+            if not (0 < share <= 1 if share is not None else self.cache_memory > 0):
+                raise OffloadError(f"cache_memory={given!r} is not a positive size or a share of all expert bytes; "
+                                   f"write it like cache_memory=2GiB or cache_memory='25%' (at most 100%)")
         if self.bits not in (None, 16):
             from offload.formats.record import format_rule
 
@@ -91,18 +122,19 @@ class OffloadConfig:
                 raise OffloadError(f"bits={self.bits!r} needs a converted store: add store='disk' and "
                                    f"store_dir=PATH (converted once, reused afterwards)")
         if self.context is not None and self.context < 1:
-            raise OffloadError(f"context must be a positive number of tokens, got {self.context}")
+            raise OffloadError(f"context must be a positive number of tokens, got context={self.context}")
         if not 0 <= self.lookahead <= 8:
-            raise OffloadError(f"lookahead must be between 0 and 8, got {self.lookahead}")
+            raise OffloadError(f"lookahead must be between 0 and 8, got lookahead={self.lookahead}")
         if not 0.0 <= self.prefetch_min_precision <= 1.0:
-            raise OffloadError(f"prefetch_min_precision must be in [0, 1], got {self.prefetch_min_precision}")
+            raise OffloadError(f"prefetch_min_precision must be in [0, 1], got "
+                               f"prefetch_min_precision={self.prefetch_min_precision}")
         if self.prefetch_worker not in ("auto", "process", "thread"):
             raise OffloadError(f"prefetch_worker must be auto, process or thread, got {self.prefetch_worker!r}")
         if self.prefetch_worker == "process" and str(self.device).startswith("cuda"):
             raise OffloadError("prefetch_worker='process' is for device='cpu'; CUDA copies run on a thread "
                                "(use prefetch_worker='auto')")
         if self.prefetch_width is not None and self.prefetch_width < 1:
-            raise OffloadError(f"prefetch_width must be at least 1, got {self.prefetch_width}")
+            raise OffloadError(f"prefetch_width must be at least 1, got prefetch_width={self.prefetch_width}")
         from cache import POLICIES  # late: keeps `offload.config` importable alone
         from predictors import PREDICTORS
 
@@ -126,3 +158,16 @@ class OffloadConfig:
         if unknown:
             raise OffloadError(f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(names))}")
         return cls(**options)
+
+
+def _experts(value: int | str) -> int | str:
+    """cache_experts as a slot count or a normalised share ('25%'); anything else names both forms."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    share = parse_share(value)
+    if share is not None and 0 < share <= 1:
+        return f"{100 * share:g}%"
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise OffloadError(f"cache_experts={value!r} is not a slot count or a share of all experts; write it like "
+                       f"cache_experts=16 or cache_experts='25%' (at most 100%)")

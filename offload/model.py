@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import AutoModelForCausalLM
 from transformers.monkey_patching import register_patch_mapping, unregister_patch_mapping
 
@@ -200,17 +199,35 @@ def _load_model(path: Path, hf_config, arch: Arch, cfg: OffloadConfig, source: C
     model_cls = AutoModelForCausalLM._model_mapping[type(hf_config)]
     orig = getattr(importlib.import_module(model_cls.__module__), arch.experts_class)
     register_patch_mapping({arch.experts_class: offloaded_class(orig)}, overwrite=True)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the dropped expert tensors are reported as "unexpected"
     try:
         kwargs = {"device_map": {"": cfg.device}} if cfg.device != "cpu" else {}
-        model = AutoModelForCausalLM.from_pretrained(path, config=source.format.load_config(hf_config), dtype=cfg.dtype,
-                                                     **kwargs)
+        with _transformers_quiet():
+            model = AutoModelForCausalLM.from_pretrained(path, config=source.format.load_config(hf_config),
+                                                         dtype=cfg.dtype, **kwargs)
         source.finish_load(model)
     finally:
         unregister_patch_mapping([arch.experts_class])
-        transformers.logging.set_verbosity(verbosity)
     return model.eval()
+
+
+@contextlib.contextmanager
+def _transformers_quiet():
+    """Silence transformers while it loads: the dropped expert tensors are reported as "unexpected" and its
+    "Loading weights" bar is noise on every start. Both switches are process-wide, so they go back as found."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars, hub_bars = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(),
+                                 not are_progress_bars_disabled())
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # also huggingface_hub's
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()  # turns huggingface_hub's on too: its own state follows
+        (enable_progress_bars if hub_bars else disable_progress_bars)()
 
 
 def _load_tokenizer(path: Path):

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 import psutil
 import torch
 
-from offload.config import OffloadConfig
+from offload.config import OffloadConfig, cache_slots, format_bytes
 from offload.errors import OffloadError
 from offload.store.source import CheckpointSource
 
@@ -34,6 +34,10 @@ class MemoryPlan:
     capacity: int             # resident expert slots
     top_k: int
     capped_from: int | None = None  # cache_experts as asked, when more than the model has (capped to all of them)
+    bits: str = "dense"       # expert format, as the store holds it
+    policy: str = "lru"
+    predictor: str = "none"
+    threads: int = 1          # torch CPU threads
 
     @property
     def resident_bytes(self) -> int:
@@ -44,18 +48,23 @@ class MemoryPlan:
 
     def rows(self) -> list[tuple[str, str]]:
         """Human-readable lines, for the CLI and /stats."""
-        gib = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"  # noqa: E731
+        size = format_bytes
+        cpu = self.device == "cpu"  # its free memory is the RAM available: say it once
         return [
-            ("compute device", f"{self.device} ({gib(self.device_free)} free)"),
-            ("RAM", f"{gib(self.ram_available)} available of {gib(self.ram_total)}"),
-            ("non-expert weights", gib(self.non_expert_bytes)),
-            (f"KV cache at {self.context} tokens", gib(self.kv_bytes)),
-            ("experts in store", f"{self.total_experts} x {gib(self.expert_bytes)} resident form, "
-                                 f"{gib(self.store_bytes)} in the {self.store} store"),
+            ("compute device", self.device if cpu else f"{self.device} ({size(self.device_free)} free)"),
+            ("RAM", f"{size(self.ram_available)} available of {size(self.ram_total)}"),
+            ("non-expert weights", size(self.non_expert_bytes)),
+            (f"KV cache at {self.context} tokens", size(self.kv_bytes)),
+            ("experts in store", f"{self.total_experts} x {size(self.expert_bytes)} resident form, "
+                                 f"{size(self.store_bytes)} in the {self.store} store"),
+            ("expert format", self.bits),
             ("resident experts", f"{self.capacity} of {self.total_experts} "
-                                 f"({100 * self.capacity / self.total_experts:.0f}%, {gib(self.resident_bytes)})"
+                                 f"({100 * self.capacity / self.total_experts:.0f}%, {size(self.resident_bytes)})"
                                  + (f"; cache_experts={self.capped_from} capped to the model's {self.total_experts}"
                                     if self.capped_from is not None else "")),
+            ("cache policy", self.policy),
+            ("predictor", self.predictor),
+            ("CPU threads", str(self.threads)),
         ]
 
 
@@ -88,34 +97,56 @@ def make_plan(cfg: OffloadConfig, hf_config, source: CheckpointSource, expert_by
     vm = psutil.virtual_memory()
     total = len(source.keys())
     budget = free - max(int(free * HEADROOM), MIN_HEADROOM) - non_expert - kv
-    if cfg.cache_experts is not None:
-        capacity = cfg.cache_experts
-    elif cfg.cache_memory is not None:
-        capacity = cfg.cache_memory // expert_bytes
-    else:
+    capacity = cache_slots(cfg.cache_experts, cfg.cache_memory, total, expert_bytes)
+    if capacity is None:
         capacity = max(0, min(total, budget // expert_bytes))
-    if capacity < top_k:
-        if cfg.cache_experts is None and cfg.cache_memory is None:
+        if capacity < top_k:
             raise OffloadError(f"not enough free memory on {cfg.device} for the non-expert weights "
-                               f"({non_expert / 2**20:.0f} MiB), the KV cache at {context} tokens "
-                               f"({kv / 2**20:.0f} MiB) and {top_k} expert slots; lower --context, free memory or "
-                               f"pass --cache-experts {top_k}")
-        need = f"{top_k * expert_bytes / 2**20:.2f} MiB" if cfg.cache_memory is not None else f"{top_k} experts"
-        raise OffloadError(f"the expert cache must hold at least one layer's top-k = {top_k} experts ({need}); "
-                           f"raise cache_experts to >= {top_k} or cache_memory to >= {top_k * expert_bytes} bytes")
+                               f"({format_bytes(non_expert)}), the KV cache at {context} tokens ({format_bytes(kv)}) "
+                               f"and {top_k} expert slots; lower context=N, free memory or give "
+                               f"cache_experts={top_k}")
+    if capacity < top_k:
+        need = (f"cache_memory={format_bytes(top_k * expert_bytes, up=True, sep='')}" if cfg.cache_memory is not None
+                else f"cache_experts={top_k}")
+        raise OffloadError(f"the expert cache must hold at least one layer's top-k = {top_k} experts; "
+                           f"give {need} or more")
     resident = min(capacity, total) * expert_bytes
     if resident > budget:  # an explicit size that cannot fit: say so now, not as an out-of-memory kill later
         fits = max(0, budget) // expert_bytes
-        asked = (f"cache_experts={cfg.cache_experts}" if cfg.cache_experts is not None
-                 else f"cache_memory={cfg.cache_memory}")
-        raise OffloadError(f"{asked} needs {resident / 2**20:.0f} MiB of expert slots, but {cfg.device} has "
-                           f"{max(0, budget) / 2**20:.0f} MiB left after the non-expert weights "
-                           f"({non_expert / 2**20:.0f} MiB), the KV cache at {context} tokens ({kv / 2**20:.0f} MiB) "
+        asked = (f"cache_experts={cfg.cache_experts!r}" if cfg.cache_experts is not None
+                 else f"cache_memory={_size_option(cfg.cache_memory)}")
+        raise OffloadError(f"{asked} needs {format_bytes(resident)} of expert slots, but {cfg.device} has "
+                           f"{format_bytes(max(0, budget))} left after the non-expert weights "
+                           f"({format_bytes(non_expert)}), the KV cache at {context} tokens ({format_bytes(kv)}) "
                            f"and headroom; " + (f"lower it to at most {fits} experts" if fits >= top_k else
-                                                "free memory or lower --context"))
+                                                "free memory or lower context=N"))
     return MemoryPlan(device=cfg.device, device_free=free, ram_total=vm.total, ram_available=vm.available,
                       non_expert_bytes=non_expert, kv_bytes=kv, context=context, expert_bytes=expert_bytes,
                       total_experts=total, store=cfg.store,
                       store_bytes=source.expert_disk_bytes() if cfg.store == "ram" else total * expert_bytes,
-                      capacity=min(capacity, total), top_k=top_k,
-                      capped_from=cfg.cache_experts if (cfg.cache_experts or 0) > total else None)
+                      capacity=min(capacity, total), top_k=top_k, bits=_format_name(cfg), policy=cfg.policy,
+                      predictor=_predictor_name(cfg), threads=torch.get_num_threads(),
+                      capped_from=cfg.cache_experts if isinstance(cfg.cache_experts, int) and cfg.cache_experts > total
+                      else None)
+
+
+def _size_option(value: int | str) -> str:
+    """cache_memory as it reads back: a share stays '25%', bytes become 1.5MiB."""
+    return repr(value) if isinstance(value, str) else format_bytes(value, sep="")
+
+
+def _format_name(cfg: OffloadConfig) -> str:
+    from offload.formats.record import format_of
+
+    if isinstance(cfg.bits, dict):
+        return ", ".join(f"{k} {format_of(v) or 'dense'}" for k, v in cfg.bits.items())
+    if callable(cfg.bits):
+        return "per expert (custom)"
+    fmt = format_of(cfg.bits)
+    return str(fmt) if fmt is not None else f"dense ({str(cfg.dtype).removeprefix('torch.')})"
+
+
+def _predictor_name(cfg: OffloadConfig) -> str:
+    if cfg.predictor in (None, "none"):
+        return "none (experts load on demand)"
+    return f"{cfg.predictor}, lookahead {cfg.lookahead}"

@@ -39,7 +39,7 @@ def test_unsupported_moe_names_supported(tmp_path):
 
 
 def test_capacity_below_top_k_names_minimum(tiny_dir):
-    with pytest.raises(OffloadError, match="cache_experts to >= 2"):
+    with pytest.raises(OffloadError, match="give cache_experts=2 or more"):
         OffloadedModel.from_pretrained(tiny_dir("mixtral"), cache_experts=1)
     with pytest.raises(OffloadError, match="at least one layer's top-k = 2"):
         OffloadedModel.from_pretrained(tiny_dir("mixtral"), cache_memory="1KiB")
@@ -67,7 +67,9 @@ def test_capacity_beyond_free_memory_is_refused_before_allocating(tiny_dir, monk
     (dict(store="disk"), "needs store_dir"),
     (dict(device="tpu"), "device must be"),
     (dict(dtype="int7"), "unsupported dtype"),
-    (dict(cache_experts=0), "positive integer"),
+    (dict(cache_experts=0), "cache_experts=0 is not a slot count"),
+    (dict(cache_experts="150%"), "at most 100%"),
+    (dict(cache_memory="0%"), "cache_memory='0%' is not a positive size"),
     (dict(cache_memory="lots"), "cannot read 'lots' as a size"),
     (dict(cache_experts=4, cache_memory="1GiB"), "not both"),
     (dict(policy="random"), "unknown policy"),
@@ -149,3 +151,18 @@ def test_corrupt_config_is_named(tiny_dir, tmp_path):
     (tmp_path / "m" / "config.json").write_bytes(b'{"model_type": "mixt')
     with pytest.raises(OffloadError, match=r"cannot read .*config.json.*re-download"):
         OffloadedModel.from_pretrained(tmp_path / "m")
+
+
+def test_cache_sizes_as_shares(tiny_dir):
+    """cache_experts='25%' is a quarter of all experts; cache_memory='50%' half of all expert bytes."""
+    path = tiny_dir("mixtral")
+    with OffloadedModel.from_pretrained(path, cache_experts="25%") as m:
+        total = m.plan.total_experts
+        assert m.plan.capacity == round(total / 4) and m.config.cache_experts == "25%"
+        rows = dict(m.plan.rows())
+        assert rows["resident experts"].startswith(f"{round(total / 4)} of {total} (25%")
+        assert rows["cache policy"] == "lru" and rows["predictor"].startswith("none")
+        assert rows["CPU threads"] == str(torch.get_num_threads()) and rows["expert format"].startswith("dense")
+    with OffloadedModel.from_pretrained(path, cache_memory="50%") as m:
+        assert m.plan.capacity == total // 2
+    assert OffloadConfig(cache_experts="16").cache_experts == 16

@@ -1,12 +1,15 @@
 """Helpers every offload-bench subcommand shares: list options, capacities, error guard, prompts, timed decode."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import typer
 from rich.console import Console
 
 from offload.cli.common import fail
+from offload.config import cache_slots, parse_bytes, parse_share
 from offload.errors import OffloadError
 
 out = Console()
@@ -16,28 +19,72 @@ def split_list(values: Optional[list[str]]) -> list[str]:
     return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
 
 
-def parse_capacity(value: str) -> int | float:
-    """'0.25' or '25%' -> a fraction of all experts; '12' -> 12 slots."""
+@dataclass(frozen=True)
+class CacheSize:
+    """One cache size as given: --cache-experts 12 / 25% (0.25 reads as 25%), or --cache-memory 2GiB / 25%."""
+
+    label: str                     # the row or column name: 12 slots, 25%, 2GiB, mem 25%
+    experts: int | str | None = None  # as OffloadConfig's cache_experts
+    memory: int | str | None = None   # as its cache_memory
+
+    def slots(self, total: int, expert_bytes: int | None) -> int:
+        """Slots out of `total` experts of `expert_bytes` each, as the engine's memory plan counts them."""
+        if self.memory is not None and expert_bytes is None:
+            raise ValueError(f"--cache-memory {self.label} needs the size of an expert, which this trace does not "
+                             f"record; use --cache-experts")
+        return cache_slots(self.experts, self.memory, total, expert_bytes or 1)
+
+
+def cache_experts_option(default: str):
+    """--cache-experts as every bench subcommand takes it (a list; `default` when no cache size is given)."""
+    return typer.Option(None, "--cache-experts", help="cache sizes in experts, comma-separated: slot counts (12) or "
+                                                      "shares of all experts (25%)", show_default=default)
+
+
+def cache_memory_option():
+    """--cache-memory as every bench subcommand takes it."""
+    return typer.Option(None, "--cache-memory", help="or cache sizes in memory, comma-separated: 2GiB, 512MB, or "
+                                                     "shares of all expert bytes (25%)", show_default="none")
+
+
+def cache_sizes(experts: Optional[list[str]], memory: Optional[list[str]], default: str) -> list[CacheSize]:
+    """The --cache-experts and --cache-memory lists (comma-separated, repeatable); `default` experts if neither."""
+    sizes = []
+    for v in split_list(experts) or ([] if split_list(memory) else default.split(",")):
+        share = _fraction(v)
+        if share is not None and 0 < share <= 1:
+            sizes.append(CacheSize(f"{100 * share:g}%", experts=f"{100 * share:g}%"))
+        elif share is None and v.isdigit() and int(v) >= 1:
+            sizes.append(CacheSize(f"{int(v)} slots", experts=int(v)))
+        else:
+            raise ValueError(f"--cache-experts takes slot counts like 12 or shares of all experts up to 100% like "
+                             f"25% (or 0.25), got {v!r}")
+    for v in split_list(memory):
+        share = parse_share(v)
+        if share is None:
+            try:
+                n = parse_bytes(v)
+            except OffloadError:
+                n = 0
+            if n < 1:
+                raise ValueError(f"--cache-memory takes sizes like 2GiB or 512MB, or shares of all expert bytes "
+                                 f"like 25%, got {v!r}") from None
+            sizes.append(CacheSize(v, memory=n))
+        elif 0 < share <= 1:
+            sizes.append(CacheSize(f"mem {100 * share:g}%", memory=f"{100 * share:g}%"))
+        else:
+            raise ValueError(f"--cache-memory shares are of all expert bytes, up to 100%; got {v!r}")
+    return sizes
+
+
+def _fraction(value: str) -> float | None:
+    """'25%' or '0.25' -> 0.25; None for a count or nonsense."""
+    if value.endswith("%"):
+        return parse_share(value)
     try:
-        if value.endswith("%"):
-            return float(value[:-1]) / 100
-        return float(value) if any(c in value for c in ".eE") else int(value)
+        return float(value) if "." in value else None
     except ValueError:
-        raise ValueError(f"cannot read capacity {value!r}: write a fraction like 0.25 or 25%, or a slot count like 12")
-
-
-def capacities(values: Optional[list[str]], default: str) -> list[int | float]:
-    caps = [parse_capacity(v) for v in split_list(values) or default.split(",")]
-    for c in caps:
-        if isinstance(c, float) and not 0.0 < c <= 1.0:
-            raise ValueError(f"capacity fraction {c} must be in (0, 1]; pass an integer for a slot count")
-        if isinstance(c, int) and c < 1:
-            raise ValueError(f"capacity {c} must be at least 1 slot")
-    return caps
-
-
-def label(c: int | float) -> str:
-    return f"{c:g}" if isinstance(c, float) else f"{c} slots"
+        return None
 
 
 def guard(fn):
@@ -77,11 +124,17 @@ def load_trace(path: Path):
                            f"`offload-bench trace`") from None
 
 
-def total_experts(model_dir: Path) -> int:
+def expert_pool(model_dir: Path) -> tuple[int, int]:
+    """(experts in the checkpoint, bytes of one in bfloat16): what a cache size is counted against."""
     from offload.config import parse_dtype
     from offload.store.source import open_checkpoint
 
-    return len(open_checkpoint(model_dir, parse_dtype("bfloat16"))[2].keys())
+    source = open_checkpoint(model_dir, parse_dtype("bfloat16"))[2]
+    return len(source.keys()), source.layout.nbytes
+
+
+def total_experts(model_dir: Path) -> int:
+    return expert_pool(model_dir)[0]
 
 
 def prompt_ids(model, text: Optional[str], n: int, seed: int = 0):

@@ -12,6 +12,7 @@ Pure Python except `measure_local`, which times torch on this machine. Units: by
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, replace
 
@@ -123,11 +124,14 @@ def bits_per_weight(bits: int | str = 4, group: int = 128, scale_bits: int = 16)
         return 4.25  # 4-bit e2m1 + one 8-bit scale per 32
     if bits in ("ternary",):
         return 2.0 + scale_bits / group  # packed 2-bit codes; lz4 shrinks them further (not modelled)
+    named = re.fullmatch(r"int([2348])(?:-g(\d+))?", str(bits))  # the engine's names: int4-g32, int8
+    if named:
+        bits, group = int(named.group(1)), int(named.group(2) or group)
+    if not str(bits).isdigit() or int(bits) not in (2, 3, 4, 8) and int(bits) < 16:
+        raise ValueError(f"bits must be 16, 8, 4, 3, 2, a format like int4-g32, mxfp4 or ternary, got bits={bits!r}")
     bits = int(bits)
     if bits >= 16:
         return float(bits)
-    if bits not in (2, 3, 4, 8):
-        raise ValueError(f"bits must be 16, 8, 4, 3, 2, 'mxfp4' or 'ternary', got {bits!r}")
     return bits + scale_bits / group
 
 

@@ -1,6 +1,6 @@
 """offload-bench formats: what each expert format costs in quality, bytes and speed, measured on one model.
 
-  offload-bench formats MODEL_DIR [--formats bf16,int8,int4-g32,...] [--text FILE] [--tokens 256]
+  offload-bench formats MODEL_DIR [--bits bf16,int8,int4-g32,...] [--text FILE] [--tokens 256]
                                   [--repeats 3] [--json FILE] [--work-dir DIR]
 
 Every format is run as the engine runs it: bf16 is the reference (experts dense in the model dtype, read
@@ -141,15 +141,15 @@ def register(app: typer.Typer) -> None:
 # --- the command ---------------------------------------------------------------------------------
 def formats(
     model_dir: Path = typer.Argument(..., help="Hugging Face checkpoint directory"),
-    formats_opt: Optional[list[str]] = typer.Option(None, "--formats", help="expert formats, comma-separated "
-                                                    f"(bf16 is always measured: the reference) [default: {DEFAULT_FORMATS}]"),
-    text: Optional[Path] = typer.Option(None, help="held-out text file [default: MODEL_DIR/heldout.txt, then the "
-                                                   "demo model's]"),
+    bits: Optional[list[str]] = typer.Option(None, "--bits", help="expert formats, comma-separated (bf16 is always "
+                                             "measured: the reference)", show_default=DEFAULT_FORMATS),
+    text: Optional[Path] = typer.Option(None, help="held-out text file",
+                                        show_default="MODEL_DIR/heldout.txt, then the demo model's"),
     tokens: int = typer.Option(256, min=1, help="greedy tokens generated for agreement and for decode speed"),
     repeats: int = typer.Option(3, min=1, help="speed: median of this many alternating runs"),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON"),
-    work_dir: Optional[Path] = typer.Option(None, help="where converted stores are kept and reused "
-                                                       "[default: ~/.cache/moe-offload/bench-formats]"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON", show_default="no file"),
+    work_dir: Optional[Path] = typer.Option(None, help="where converted stores are kept and reused",
+                                            show_default="~/.cache/moe-offload/bench-formats"),
     text_tokens: int = typer.Option(TEXT_TOKENS, min=2, help="held-out tokens scored for perplexity"),
     threads: int = typer.Option(1, min=1, help="torch CPU threads (and the converter's)"),
 ) -> None:
@@ -157,17 +157,9 @@ def formats(
     from offload.bench.common import guard, split_list
 
     def go():
-        from transformers.utils import logging as hf_logging
-
-        fmts = parse_formats(split_list(formats_opt) or DEFAULT_FORMATS.split(","))
+        fmts = parse_formats(split_list(bits) or DEFAULT_FORMATS.split(","))
         wd = work_dir if work_dir is not None else default_work_dir()
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # one "Loading weights" bar per model load is noise here
-        try:
-            results = measure(model_dir, fmts, text, tokens, repeats, wd, text_tokens, threads)
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
+        results = measure(model_dir, fmts, text, tokens, repeats, wd, text_tokens, threads)
         print_tables(results)
         if json_path is not None:
             json_path.write_text(json.dumps(results, indent=1, default=str))

@@ -820,25 +820,26 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def peers(
-        model_dir: Optional[Path] = typer.Argument(None, help="HF checkpoint directory [default: a random 0.8B "
-                                                              "Mixtral built once in the work dir]"),
+        model_dir: Optional[Path] = typer.Argument(None, help="HF checkpoint directory",
+                                                   show_default="a random 0.8B Mixtral built once in the work dir"),
         gguf: Optional[list[Path]] = typer.Option(None, "--gguf", help="GGUF file(s) of the same model for "
-                                                                        "llama.cpp (repeatable)"),
+                                                  "llama.cpp, comma-separated or repeated", show_default="none"),
         threads: int = typer.Option(1, min=1, help="CPU threads for every engine"),
-        max_new_tokens: int = typer.Option(64, min=1),
-        repeats: int = typer.Option(3, min=1),
+        max_new_tokens: int = typer.Option(64, min=1, help="tokens decoded per timed run"),
+        repeats: int = typer.Option(3, min=1, help="timed runs per setting (medians)"),
         memory_limit: Optional[str] = typer.Option(None, help="run each engine in a memory cgroup of this size "
-                                                              "(page cache counted), e.g. 1GiB"),
-        json_path: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON"),
+                                                   "(page cache counted), e.g. 1GiB", show_default="no limit"),
+        json_path: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON",
+                                                 show_default="no file"),
         only: Optional[list[str]] = typer.Option(None, help="run only settings whose id matches these globs "
                                                             "or engine names (comma-separated), e.g. "
-                                                            "'transformers*,moe-bf16-*'"),
+                                                            "'transformers*,moe-bf16-*'", show_default="all"),
         sequential: bool = typer.Option(False, help="load and measure one setting at a time (less memory; "
                                                     "repeats no longer alternate across settings)"),
-        group_size: int = typer.Option(0, min=0, help="settings alive (loaded) at once; repeats alternate within "
-                                                      "each group [default 0: all of them]"),
-        work_dir: Optional[Path] = typer.Option(None, help="where the default model, disk stores and logs go "
-                                                           "[default: ~/.cache/moe-offload/peers]"),
+        group_size: int = typer.Option(0, min=0, help="settings alive (loaded) at once, 0: all of them; repeats "
+                                                      "alternate within each group"),
+        work_dir: Optional[Path] = typer.Option(None, help="where the default model, disk stores and logs go",
+                                                show_default="~/.cache/moe-offload/peers"),
     ) -> None:
         """Side by side on this machine: transformers (all in RAM), accelerate disk offload, llama.cpp (GGUF)
         and moe-offload (resident / 25% / 50%, ram and disk tiers, 16/8/4 bits, with and without the gate
@@ -854,7 +855,7 @@ def register(app: typer.Typer) -> None:
                 path = build_default_model(work, out)
             if not (path / "config.json").exists():
                 raise FileNotFoundError(f"{path} has no config.json; pass a Hugging Face checkpoint directory")
-            ggufs = list(gguf or [])
+            ggufs = [Path(g) for g in split_list([str(g) for g in gguf or []])]
             for g in ggufs:
                 if not g.exists():
                     raise FileNotFoundError(f"GGUF file {g} does not exist")

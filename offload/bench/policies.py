@@ -9,40 +9,52 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from offload.bench.common import capacities, guard, label, load_trace, out
+from offload.bench.common import (CacheSize, cache_experts_option, cache_memory_option, cache_sizes, guard, load_trace,
+                                  out)
+
+SIZES = "10%,25%,50%,75%"
 
 
-def policy_table(tr, capacities, per_layer: bool = False, batched: bool | None = None) -> dict:
-    """{policy: {capacity label: {hits, misses, uses, hit_rate, slots, capacity_fraction}}} for every policy."""
+def policy_table(tr, sizes: list[CacheSize], per_layer: bool = False, batched: bool | None = None) -> dict:
+    """{policy: {size label: {hits, misses, uses, hit_rate, slots, capacity_fraction}}} for every policy."""
     from cache import POLICIES, hit_rate_curve
 
     batched = tr.step_index is not None if batched is None else batched
+    pool = tr.num_experts * (1 if per_layer else len(tr.moe_layers))
+    slots = [c.slots(pool, tr.expert_bytes) for c in sizes]
     results: dict = {}
     for name in POLICIES:
-        rows = hit_rate_curve(tr, [name], capacities, per_layer=per_layer, batched_prefill=batched)
+        rows = hit_rate_curve(tr, [name], slots, per_layer=per_layer, batched_prefill=batched)
         results[name] = {
-            label(c): {"hits": r["hits"], "misses": r["misses"], "uses": r["hits"] + r["misses"],
+            c.label: {"hits": r["hits"], "misses": r["misses"], "uses": r["hits"] + r["misses"],
                         "hit_rate": r["hit_rate"], "slots": r["capacity"], "capacity_fraction": r["capacity_fraction"],
                         "bytes_per_token": r["bytes_per_token"]}
-            for c, r in zip(capacities, rows)
+            for c, r in zip(sizes, rows)
         }
     return results
 
 
 def policies(
     trace_path: Path = typer.Argument(..., metavar="TRACE", help=".npz routing trace"),
-    capacity: Optional[list[str]] = typer.Option(None, help="fractions of all experts (0.25, 25%) or slot counts; "
-                                                 "comma-separated [default: 0.1,0.25,0.5,0.75]"),
-    per_layer: bool = typer.Option(False, help="one cache per layer (capacity is then per layer)"),
+    cache_experts: Optional[list[str]] = cache_experts_option(SIZES),
+    cache_memory: Optional[list[str]] = cache_memory_option(),
+    per_layer: bool = typer.Option(False, help="one cache per layer (cache sizes are then per layer)"),
     per_token: bool = typer.Option(False, help="replay a prefill token by token (default: one step per forward "
                                                "call, as the engine runs, when the trace recorded steps)"),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON"),
-    plot: Optional[Path] = typer.Option(None, help="write a hit-rate-vs-capacity plot (needs matplotlib)"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON", show_default="no file"),
+    plot: Optional[Path] = typer.Option(None, help="write a hit-rate-vs-capacity plot (needs matplotlib)",
+                                        show_default="no plot"),
 ) -> None:
     """Hit rate vs. cache capacity for every policy, with Belady's MIN as the exact upper bound."""
     def go():
         tr = load_trace(trace_path)
-        caps = capacities(capacity, "0.1,0.25,0.5,0.75")
+        caps = cache_sizes(cache_experts, cache_memory, SIZES)
+        pool = tr.num_experts * (1 if per_layer else len(tr.moe_layers))
+        need = int(tr.step_need().max(initial=0))
+        for c in caps:
+            if (n := c.slots(pool, tr.expert_bytes)) < need:
+                raise ValueError(f"cache size {c.label} is {n} of {pool} slots, below {need}, the most distinct "
+                                 f"experts one step needs; use --cache-experts {need} or more")
         results = policy_table(tr, caps, per_layer, batched=False if per_token else None)
         scope = "per layer" if per_layer else "all layers"
         t = Table(title=f"hit rate by policy and cache capacity ({scope}; {tr.tokens} tokens, "
@@ -50,15 +62,15 @@ def policies(
         t.add_column("policy")
         first = next(iter(results.values()))
         for c in caps:
-            r = first[label(c)]
-            t.add_column(f"{label(c)}\n({r['slots']} slots)" if isinstance(c, float) else label(c), justify="right")
+            r = first[c.label]
+            t.add_column(c.label if isinstance(c.experts, int) else f"{c.label}\n({r['slots']} slots)", justify="right")
         for name, row in results.items():
-            t.add_row(name, *(f"{100 * row[label(c)]['hit_rate']:.1f}%" for c in caps))
+            t.add_row(name, *(f"{100 * row[c.label]['hit_rate']:.1f}%" for c in caps))
         online = [n for n in results if n != "belady"]
         shares = []
         for c in caps:
-            best = max(results[n][label(c)]["hit_rate"] for n in online)
-            opt = results["belady"][label(c)]["hit_rate"]
+            best = max(results[n][c.label]["hit_rate"] for n in online)
+            opt = results["belady"][c.label]["hit_rate"]
             shares.append(f"{100 * best / opt:.0f}%" if opt else "-")
         t.add_row("[bold]best policy / belady[/]", *shares)
         out.print(t)
@@ -82,8 +94,8 @@ def _plot(results: dict, caps, path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, row in results.items():
-        xs = [row[label(c)]["capacity_fraction"] for c in caps]
-        ax.plot(xs, [row[label(c)]["hit_rate"] for c in caps], marker="o", label=name,
+        xs = [row[c.label]["capacity_fraction"] for c in caps]
+        ax.plot(xs, [row[c.label]["hit_rate"] for c in caps], marker="o", label=name,
                 linestyle="--" if name == "belady" else "-")
     ax.set_xlabel("cache capacity (fraction of experts)")
     ax.set_ylabel("hit rate")

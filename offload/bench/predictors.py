@@ -224,15 +224,17 @@ def _print_predictors(r: dict) -> None:
 
 def predictors_command(
     model_dir: Path = typer.Argument(..., help="Hugging Face checkpoint directory"),
-    prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="a prompt (repeatable)"),
-    prompts: Optional[Path] = typer.Option(None, help="a text file, one prompt per line"),
-    max_new_tokens: int = typer.Option(64, min=2),
-    lookahead: Optional[list[str]] = typer.Option(None, help="lookaheads, comma-separated [default: 1,2,3]"),
-    width: Optional[int] = typer.Option(None, help="k of recall@k: predicted experts per target layer "
-                                                   "[default: the model's top-k]"),
-    predictor: Optional[list[str]] = typer.Option(None, help="predictors [default: gate,previous,frequency,oracle]"),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="a prompt (repeatable)",
+                                               show_default="the built-in English prompts"),
+    prompts: Optional[Path] = typer.Option(None, help="a text file, one prompt per line", show_default="none"),
+    max_new_tokens: int = typer.Option(64, min=2, help="tokens decoded per prompt"),
+    lookahead: Optional[list[str]] = typer.Option(None, help="lookaheads, comma-separated", show_default="1,2,3"),
+    width: Optional[int] = typer.Option(None, help="k of recall@k: predicted experts per target layer",
+                                        show_default="the model's top-k"),
+    predictor: Optional[list[str]] = typer.Option(None, help="predictors, comma-separated",
+                                                  show_default=",".join(PREDICTOR_NAMES)),
     prompt_tokens: int = typer.Option(32, min=1, help="random prompt length when the model has no tokenizer"),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON", show_default="no file"),
     threads: int = typer.Option(1, min=1, help="torch CPU threads"),
 ) -> None:
     """Recall@k of every expert predictor at every lookahead, measured while the real model decodes."""

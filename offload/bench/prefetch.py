@@ -1,6 +1,6 @@
 """offload-bench prefetch: what prefetch buys in real decode on the disk tier, against its oracle ceiling.
 
-  offload-bench prefetch MODEL_DIR --store-dir D --capacity 0.25,0.5 --predictor none,gate,oracle --lookahead 0,1
+  offload-bench prefetch MODEL_DIR --store-dir D --cache-experts 25%,50% --predictor none,gate,oracle --lookahead 0,1
 
 `prefetch` is `offload-bench run` with lists of lookaheads, on the disk tier, where every miss is a read from
 the device: the store is read with O_DIRECT (the engine's default), or with `--no-direct-io` buffered, its
@@ -21,8 +21,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from offload.bench.common import (capacities, guard, label, loader_for, measure_decode, out, prompt_ids, split_list,
-                                  timed, total_experts)
+from offload.bench.common import (cache_experts_option, cache_memory_option, cache_sizes, expert_pool, guard,
+                                  loader_for, measure_decode, out, prompt_ids, split_list, timed)
 from offload.bench.predictors import DEFAULT_PROMPTS, PREDICTOR_NAMES, lookaheads
 # --- prefetch: real decode, disk tier, page cache dropped ----------------------------------------------
 def uncache_reads(store) -> None:
@@ -88,33 +88,35 @@ def _quartiles(xs: list[float]) -> tuple[float, float]:
 def prefetch_command(
     model_dir: Path = typer.Argument(..., help="Hugging Face checkpoint directory"),
     store_dir: Path = typer.Option(..., help="disk store directory (converted on first use)"),
-    capacity: Optional[list[str]] = typer.Option(None, help="cache sizes: fractions or slot counts "
-                                                 "[default: 0.25,0.5]"),
-    predictor: Optional[list[str]] = typer.Option(None, help="predictors, oracle included (the recorded routing: "
-                                                  "the ceiling) [default: none,previous,gate]"),
-    lookahead: Optional[list[str]] = typer.Option(None, help="lookaheads for every predictor but none [default: 1,2]"),
+    cache_experts: Optional[list[str]] = cache_experts_option("25%,50%"),
+    cache_memory: Optional[list[str]] = cache_memory_option(),
+    predictor: Optional[list[str]] = typer.Option(None, help="predictors, comma-separated, oracle included (the "
+                                                  "recorded routing: the ceiling)", show_default="none,previous,gate"),
+    lookahead: Optional[list[str]] = typer.Option(None, help="lookaheads for every predictor but none, "
+                                                  "comma-separated", show_default="1,2"),
     policy: str = typer.Option("lru", help="eviction policy"),
-    width: Optional[int] = typer.Option(None, help="prefetch width (experts per predicted layer) [default: top-k]"),
-    min_precision: Optional[list[str]] = typer.Option(None, help="prefetch_min_precision values for every predictor "
-                                                      "but none [default: the engine's]"),
+    width: Optional[int] = typer.Option(None, help="prefetch width (experts per predicted layer)",
+                                        show_default="top-k"),
+    min_precision: Optional[list[str]] = typer.Option(None, help="pause prefetching while fewer predictions than "
+                                                      "this come true; values for every predictor but none, "
+                                                      "comma-separated", show_default="0.75"),
     direct_io: bool = typer.Option(True, help="read the store with O_DIRECT (--no-direct-io: buffered reads)"),
     uncached: bool = typer.Option(True, help="buffered reads: drop the store's pages from the OS page cache after "
                                              "every read (--no-uncached: misses may be served from the page cache)"),
-    max_new_tokens: int = typer.Option(32, min=1),
-    repeats: int = typer.Option(3, min=1),
-    prompt: Optional[str] = typer.Option(None, help="prompt text [default: an English sentence]"),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="write the rows as JSON"),
+    max_new_tokens: int = typer.Option(32, min=1, help="tokens decoded per timed run"),
+    repeats: int = typer.Option(3, min=1, help="rounds, each configuration once per round (medians)"),
+    prompt: Optional[str] = typer.Option(None, help="prompt text", show_default="an English sentence"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the rows as JSON", show_default="no file"),
     threads: int = typer.Option(1, min=1, help="torch CPU threads"),
 ) -> None:
     """Real decode from the disk tier: no prefetch vs each predictor and lookahead, side by side, medians."""
-    from cache.simulate import slots_for
     from offload.model import OffloadedModel
 
     def go():
         import torch
 
         torch.set_num_threads(threads)
-        caps = capacities(capacity, "0.25,0.5")
+        sizes = cache_sizes(cache_experts, cache_memory, "25%,50%")
         preds = split_list(predictor) or ["none", "previous", "gate"]
         bad = [n for n in preds if n not in ("none", *PREDICTOR_NAMES)]
         if bad:
@@ -124,25 +126,25 @@ def prefetch_command(
             floors = [float(x) for x in split_list(min_precision)] or [None]
         except ValueError:
             raise ValueError(f"--min-precision takes numbers in [0, 1] like 0.5,0.75, got {min_precision}") from None
-        total = total_experts(model_dir)
+        total, expert_bytes = expert_pool(model_dir)
         opts = {"store": "disk", "store_dir": str(store_dir), "policy": policy, "prefetch_width": width,
                 "direct_io": direct_io}
         configs = [("all resident", dict(cache_experts=total), None)]
-        for c in caps:
-            slots = min(total, slots_for(c, total))
+        for c in sizes:
+            slots = min(total, c.slots(total, expert_bytes))
             for pr in preds:
                 for d in ([1] if pr == "none" else looks):
                     for p in ([None] if pr in ("none", "oracle") else floors):  # the oracle is never paused
-                        name = (f"{label(c)} ({slots}) {pr}" + ("" if pr == "none" else f" d={d}")
+                        name = (f"{c.label} ({slots}) {pr}" + ("" if pr == "none" else f" d={d}")
                                 + ("" if p is None or len(floors) == 1 else f" p>={p:g}"))
                         # the oracle takes a gate's seat (same hooks, same loader), then replays the routing
                         o = dict(cache_experts=slots, predictor={"none": None, "oracle": "gate"}.get(pr, pr),
                                  lookahead=d)
                         if p is not None:
                             o["prefetch_min_precision"] = p
-                        configs.append((name, o, (label(c), pr)))
+                        configs.append((name, o, (c.label, pr)))
                         if pr == "none":  # the same configuration again: this run's noise floor, in its own row
-                            configs.append((name + " again (control)", dict(o), (label(c), "control")))
+                            configs.append((name + " again (control)", dict(o), (c.label, "control")))
         models = []
         direct = False
         with out.status("loading configurations ..."):

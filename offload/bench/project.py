@@ -59,13 +59,15 @@ def projection_rows(trace_path: Optional[Path], bits: str, machine: str, hit_rat
 
 
 def project(
-    trace_path: Optional[Path] = typer.Option(None, "--trace", help="take hit rates from this trace's hit-rate curve"),
-    bits: str = typer.Option("4", help="expert format: 16, 8, 4, 3, 2, mxfp4"),
+    trace_path: Optional[Path] = typer.Option(None, "--trace", help="take hit rates from this trace's hit-rate curve",
+                                              show_default="hit rates 0, 0.5 and 0.9"),
+    bits: str = typer.Option("4", help="expert format: 16, 8, 4, 3, 2, int4-g32, ..., mxfp4, ternary"),
     machine: str = typer.Option("rtx4090", help="rtx3090, rtx4090, rtx4090-pcie5 or local (measured now)"),
-    hit_rate: Optional[list[str]] = typer.Option(None, help="project at these hit rates (comma-separated)"),
+    hit_rate: Optional[list[str]] = typer.Option(None, help="project at these hit rates (comma-separated)",
+                                                 show_default="from --trace"),
     policy: str = typer.Option("lru", help="policy whose trace hit rate is used"),
     context: int = typer.Option(0, min=0, help="tokens of KV cache to reserve beyond the 3 GB allowance"),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="write the rows as JSON"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the rows as JSON", show_default="no file"),
 ) -> None:
     """PROJECTED (not measured) batch-1 decode ceilings for the preset models on one card."""
     from offload.bench import costmodel as cm

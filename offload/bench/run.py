@@ -10,23 +10,30 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cache.simulate import slots_for
-from offload.bench.common import capacities, guard, label, loader_for, measure_decode, out, prompt_ids, split_list, total_experts
+from offload.bench.common import (cache_experts_option, cache_memory_option, cache_sizes, expert_pool, guard,
+                                  loader_for, measure_decode, out, prompt_ids, split_list)
+
+SIZES = "25%,50%"
 
 
 def run(
     model_dir: Path = typer.Argument(..., help="Hugging Face checkpoint directory"),
-    capacity: Optional[list[str]] = typer.Option(None, help="cache sizes: fractions or slot counts [default: 0.25,0.5]"),
-    policy: Optional[list[str]] = typer.Option(None, help="eviction policies [default: lru]"),
-    predictor: Optional[list[str]] = typer.Option(None, help="predictors: none, gate, previous, ... [default: none]"),
+    cache_experts: Optional[list[str]] = cache_experts_option(SIZES),
+    cache_memory: Optional[list[str]] = cache_memory_option(),
+    policy: Optional[list[str]] = typer.Option(None, help="eviction policies, comma-separated", show_default="lru"),
+    predictor: Optional[list[str]] = typer.Option(None, help="predictors, comma-separated: none, gate, previous, ...",
+                                                  show_default="none"),
     lookahead: int = typer.Option(1, min=0, max=8, help="MoE layers the predictor looks ahead (0: from the layer's own entry)"),
-    store: Optional[str] = typer.Option(None, help="ram or disk [default: disk with --store-dir, else ram]"),
-    store_dir: Optional[Path] = typer.Option(None, help="disk store directory (store=disk)"),
-    max_new_tokens: int = typer.Option(16, min=1),
-    repeats: int = typer.Option(3, min=1),
-    prompt: Optional[str] = typer.Option(None, help="prompt text (default: random token ids)"),
-    prompt_tokens: int = typer.Option(32, min=1),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="write the rows as JSON"),
+    store: Optional[str] = typer.Option(None, help="ram (the checkpoint's safetensors through mmap; the OS page cache "
+                                                   "is the RAM tier) or disk (a converted store, --store-dir)",
+                                        show_default="disk with --store-dir, else ram"),
+    store_dir: Optional[Path] = typer.Option(None, help="disk store directory (converted on first use)",
+                                             show_default="none; needed with --store disk"),
+    max_new_tokens: int = typer.Option(16, min=1, help="tokens decoded per timed run"),
+    repeats: int = typer.Option(3, min=1, help="timed runs per configuration (medians)"),
+    prompt: Optional[str] = typer.Option(None, help="prompt text", show_default="random token ids"),
+    prompt_tokens: int = typer.Option(32, min=1, help="random prompt length"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the rows as JSON", show_default="no file"),
     threads: int = typer.Option(1, min=1, help="torch CPU threads"),
 ) -> None:
     """Real decode on this machine: every configuration side by side in one process, alternating, medians."""
@@ -37,15 +44,15 @@ def run(
         import torch
 
         torch.set_num_threads(threads)
-        caps = capacities(capacity, "0.25,0.5")
+        sizes = cache_sizes(cache_experts, cache_memory, SIZES)
         pols = split_list(policy) or ["lru"]
         preds = split_list(predictor) or ["none"]
-        total = total_experts(model_dir)
+        total, expert_bytes = expert_pool(model_dir)
         opts = {"store": store, "store_dir": str(store_dir) if store_dir else None}
         configs = [("all resident", dict(cache_experts=total, policy="lru"))]
-        for c, p, pr in itertools.product(caps, pols, preds):
-            slots = min(total, slots_for(c, total))
-            configs.append((f"{label(c)} ({slots}) {p} {pr}",
+        for c, p, pr in itertools.product(sizes, pols, preds):
+            slots = min(total, c.slots(total, expert_bytes))
+            configs.append((f"{c.label} ({slots}) {p} {pr}",
                             dict(cache_experts=slots, policy=p,
                                  predictor=None if pr == "none" else pr, lookahead=lookahead)))
         models = []

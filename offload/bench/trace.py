@@ -12,9 +12,10 @@ from offload.bench.common import guard, out, prompt_ids, read_text_file
 
 def trace(
     model_dir: Path = typer.Argument(..., help="Hugging Face checkpoint directory"),
-    prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="a prompt (repeatable)"),
-    prompts: Optional[Path] = typer.Option(None, help="a text file, one prompt per line"),
-    max_new_tokens: int = typer.Option(32, min=1),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="a prompt (repeatable)",
+                                               show_default="random token ids"),
+    prompts: Optional[Path] = typer.Option(None, help="a text file, one prompt per line", show_default="none"),
+    max_new_tokens: int = typer.Option(32, min=1, help="tokens decoded greedily per prompt"),
     out_path: Path = typer.Option(Path("trace.npz"), "--out", "-o", help="where to write the .npz trace"),
     prompt_tokens: int = typer.Option(32, min=1, help="random prompt length when the model has no tokenizer"),
 ) -> None:

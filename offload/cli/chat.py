@@ -7,34 +7,51 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from offload.cli.common import bits_option, fail, load, run_app
+from cache import POLICIES
+from offload.cli.common import HELP_OPTIONS, bits_option, fail, load, run_app, version_option
 from offload.errors import OffloadError
 
-chat_app = typer.Typer(add_completion=False, help="Chat with a Mixture-of-Experts model whose experts are offloaded.")
+ONLINE_POLICIES = sorted(set(POLICIES) - {"belady"})  # belady needs the future: it runs only on recorded traces
+
+chat_app = typer.Typer(add_completion=False, context_settings=HELP_OPTIONS,
+                       help="Chat with a Mixture-of-Experts model whose experts are offloaded.")
 
 
 @chat_app.command()
 def chat(
-    model_dir: Optional[Path] = typer.Argument(None, help="Hugging Face checkpoint directory (default: shipped demo)"),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="answer this one prompt and exit"),
-    system: Optional[str] = typer.Option(None, help="system message"),
+    model_dir: Optional[Path] = typer.Argument(None, help="Hugging Face checkpoint directory",
+                                               show_default="the shipped demo model"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="answer this one prompt and exit",
+                                         show_default="an interactive chat"),
+    system: Optional[str] = typer.Option(None, help="system message", show_default="none"),
     max_new_tokens: int = typer.Option(200, min=1, help="longest answer in tokens"),
     temperature: float = typer.Option(0.7, min=0.0, help="0 = greedy"),
-    top_p: float = typer.Option(0.9, min=0.0, max=1.0),
-    seed: Optional[int] = typer.Option(None, help="sampling seed (reproducible answers)"),
+    top_p: float = typer.Option(0.9, min=0.0, max=1.0, help="nucleus sampling: keep the likeliest tokens up to "
+                                                            "this probability mass"),
+    seed: Optional[int] = typer.Option(None, help="sampling seed (reproducible answers)", show_default="random"),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N"),
     dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32"),
-    cache_experts: Optional[int] = typer.Option(None, help="resident expert slots (default: what fits)"),
-    cache_memory: Optional[str] = typer.Option(None, help="or a byte budget for them, e.g. 2GiB"),
-    store: Optional[str] = typer.Option(None, help="ram (checkpoint, mmap) or disk (converted store) "
-                                                   "[default: disk with --store-dir, else ram]"),
-    store_dir: Optional[Path] = typer.Option(None, help="directory of the disk store"),
-    bits: Optional[str] = typer.Option(None, help="expert format: 16, 8, 4, 3, 2, ternary, int4-g64, ternary-z90, ..."),
-    policy: str = typer.Option("lru", help="cache eviction policy"),
-    predictor: Optional[str] = typer.Option(None, help="expert predictor for prefetch: gate, previous, ..."),
-    lookahead: int = typer.Option(1, help="MoE layers the predictor looks ahead (0: from the layer's own entry, before attention)"),
-    context: Optional[int] = typer.Option(None, help="context length to plan the KV cache for"),
-    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for torch [default: half the cores]"),
+    cache_experts: Optional[str] = typer.Option(None, help="resident experts: a count (16) or a share of all "
+                                                "experts (25%)", show_default="what fits in memory"),
+    cache_memory: Optional[str] = typer.Option(None, help="or a memory budget for them: 2GiB, or 25% of all "
+                                               "expert bytes", show_default="what fits in memory"),
+    store: Optional[str] = typer.Option(None, help="where the experts not resident are read from: ram (the "
+                                        "checkpoint's safetensors, read on demand through mmap; the OS page cache is "
+                                        "the RAM tier) or disk (a converted store, --store-dir)",
+                                        show_default="disk with --store-dir, else ram"),
+    store_dir: Optional[Path] = typer.Option(None, help="directory of the disk store (converted on first use)",
+                                             show_default="none; needed with --store disk"),
+    bits: Optional[str] = typer.Option(None, help="expert format (needs --store disk): 16, 8, 4, 3, 2, ternary, "
+                                       "int4-g32, ternary-z90, ...", show_default="16: the checkpoint's dtype"),
+    policy: str = typer.Option("lru", help=f"cache eviction policy: {', '.join(ONLINE_POLICIES)}"),
+    predictor: Optional[str] = typer.Option(None, help="expert predictor for prefetch: gate, previous, ...",
+                                            show_default="none: experts load on demand"),
+    lookahead: int = typer.Option(1, help="MoE layers the predictor looks ahead (0: from the layer's own entry, "
+                                          "before attention)"),
+    context: Optional[int] = typer.Option(None, help="context length to plan the KV cache for",
+                                          show_default="the model's maximum, at most 4096"),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for torch", show_default="half the cores"),
+    version: bool = version_option(),
 ) -> None:
     """Chat in the terminal, or answer one --prompt."""
     import os

@@ -7,18 +7,21 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from offload.cli.common import bits_option, fail, run_app
+from offload.cli.common import HELP_OPTIONS, bits_option, fail, run_app, version_option
 from offload.errors import OffloadError
 
-convert_app = typer.Typer(add_completion=False, help="Convert a checkpoint's experts into a disk store.")
+convert_app = typer.Typer(add_completion=False, context_settings=HELP_OPTIONS,
+                          help="Convert a checkpoint's experts into a disk store.")
 
 
 @convert_app.command()
 def convert(
     model_dir: Path = typer.Argument(..., help="Hugging Face checkpoint directory"),
     out: Path = typer.Option(..., "--out", "-o", help="store directory to write (resumes if interrupted)"),
-    bits: Optional[str] = typer.Option(None, help="expert format: 16, 8, 4, 3, 2, ternary, int4-g64, ternary-z90, ..."),
+    bits: Optional[str] = typer.Option(None, help="expert format: 16, 8, 4, 3, 2, ternary, int4-g32, ternary-z90, ...",
+                                       show_default="16: the checkpoint's dtype"),
     dtype: str = typer.Option("bfloat16", help="dtype of dense records"),
+    version: bool = version_option(),
 ) -> None:
     """Stream the experts into a checksummed store, one at a time (bounded memory, resumable)."""
     from offload.store.convert import build_store
@@ -26,7 +29,7 @@ def convert(
     try:
         summary = build_store(model_dir, out, bits=bits_option(bits), dtype=dtype)
     except OffloadError as e:
-        fail(str(e))
+        fail(str(e), flags={"store_dir": "--out"})
     Console().print(summary)
 
 

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
+from offload.cli.common import cli_wording
 from offload.errors import OffloadError
 from offload.model import OffloadedModel
 
@@ -41,26 +43,41 @@ class Chat:
     history: list[dict] = field(default_factory=list)
     last_rate: float | None = None
     _stop: bool = False
+    _told_dropping: bool = False  # the dim line about dropped turns is said once
 
     # --- one answer ------------------------------------------------------------------------------
     def encode(self, messages: list[dict]) -> torch.Tensor:
         tok = self.model.tokenizer
         if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                          return_dict=True)["input_ids"]
-        else:  # no chat template: plain continuation of the conversation text
-            ids = tok("\n".join(m["content"] for m in messages), return_tensors="pt")["input_ids"]
+            return tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)["input_ids"]
+        # no chat template: plain continuation of the conversation text
+        return tok("\n".join(m["content"] for m in messages), return_tensors="pt")["input_ids"]
+
+    def prompt_for(self, text: str) -> torch.Tensor:
+        """The conversation plus `text` as input ids. A conversation that outgrew the context loses its oldest
+        turns (never the system prompt) until the prompt and a full answer fit, so a long chat goes on."""
+        system = [{"role": "system", "content": self.settings.system}] if self.settings.system else []
         limit = self.model.plan.context
+        user = {"role": "user", "content": text}
+        ids = self.encode(system + self.history + [user])
+        dropped = False
+        while self.history and ids.shape[1] + self.settings.max_new_tokens > limit:
+            del self.history[:2]  # one user turn and its answer
+            dropped = True
+            ids = self.encode(system + self.history + [user])
+        if dropped and not self._told_dropping:
+            self.console.print(f"[dim](the conversation outgrew the context of {limit} tokens: its oldest turns "
+                               f"are dropped from now on)[/]")
+            self._told_dropping = True
         if ids.shape[1] + 1 > limit:
-            raise OffloadError(f"the prompt is {ids.shape[1]} tokens, longer than the context of {limit}; "
-                               f"/reset the conversation or raise --context")
+            raise OffloadError(f"this message is {ids.shape[1]} tokens{' with the system prompt' if system else ''}, "
+                               f"longer than the context of {limit}; shorten it or raise context=N")
         return ids
 
     def answer(self, text: str, stream=None) -> str:
         """Generate a reply to `text`, streaming it to `stream` (stdout by default); returns the reply."""
-        messages = ([{"role": "system", "content": self.settings.system}] if self.settings.system else [])
-        messages += self.history + [{"role": "user", "content": text}]
-        ids = self.encode(messages)
+        ids = self.prompt_for(text)
         s = self.settings
         room = self.model.plan.context - ids.shape[1]
         streamer = _Streamer(self.model.tokenizer, stream or sys.stdout)
@@ -103,7 +120,7 @@ class Chat:
                 if self._stop:
                     self.console.print("\n[dim](stopped)[/]")
             except OffloadError as e:
-                self.console.print(f"[red]error:[/] {e}")
+                self.console.print(f"[red]error:[/] {escape(cli_wording(str(e)))}")
             except KeyboardInterrupt:
                 self.console.print()
                 return

@@ -32,7 +32,7 @@ def format_of(bits) -> QFormat | None:
     if isinstance(bits, str):
         return parse_format(_BITS[int(bits)] if bits.isdigit() and int(bits) in _BITS else bits)
     raise OffloadError(f"bits must be 16, 8, 4, 3, 2, 'ternary' or a format like 'int4-g64' or 'ternary-z90', "
-                       f"got {bits!r}")
+                       f"got bits={bits!r}")
 
 
 def format_rule(bits) -> Callable[[int, int], QFormat | None]:

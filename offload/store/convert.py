@@ -68,15 +68,25 @@ def open_or_convert(source: CheckpointSource, store_dir: Path, settings: dict, c
         index = read_index(store_dir)
         if index.get("fingerprint") != source.fingerprint():
             raise OffloadError(f"store {store_dir} was made from a different checkpoint (its experts differ from "
-                               f"{source.model_dir}'s); use another store_dir (--store-dir) or delete {store_dir} "
+                               f"{source.model_dir}'s); use another store_dir=PATH or delete {store_dir} "
                                f"to reconvert")
         if index.get("settings") != settings:
-            raise OffloadError(f"store {store_dir} was made with settings {index.get('settings')}, not {settings}; "
-                               f"use another store_dir or delete {store_dir} to rebuild it")
+            raise OffloadError(f"store {store_dir} was made with {_describe(index.get('settings') or {})}, not "
+                               f"{_describe(settings)}; use another store_dir=PATH or delete {store_dir} to rebuild it")
         return DiskStore(store_dir, verify=verify, direct=direct)
     with big_buffers_returned_to_the_os():
         convert(source, store_dir, settings, codec, progress)
     return DiskStore(store_dir, verify=verify, direct=direct)
+
+
+def _describe(settings: dict) -> str:
+    """Store settings for people: 'dtype bfloat16, format int4-g32' (the index keeps the format JSON-encoded)."""
+    def plain(value) -> str:
+        with contextlib.suppress(TypeError, ValueError):
+            value = json.loads(value)
+        return value if isinstance(value, str) else json.dumps(value)
+
+    return ", ".join(f"{k} {plain(v)}" for k, v in settings.items())
 
 
 def convert(source: CheckpointSource, store_dir: Path, settings: dict, codec: RecordCodec | None = None,

@@ -151,7 +151,7 @@ def test_trace_then_policies_json(recorded, tmp_path):
     tr = Trace.load(recorded)
     assert tr.tokens == 5 + 2 + 2 * 5 and tr.step_index is not None
     js = tmp_path / "p.json"
-    r = runner.invoke(app, ["policies", str(recorded), "--capacity", "0.25,0.5", "--capacity", "12", "--json", str(js),
+    r = runner.invoke(app, ["policies", str(recorded), "--cache-experts", "25%,50%", "--cache-experts", "12", "--json", str(js),
                             "--plot", str(tmp_path / "p.png")])
     assert r.exit_code == 0, r.output
     assert "best policy / belady" in r.output
@@ -175,7 +175,7 @@ def test_project_with_trace_and_given_hit_rates(recorded):
 
 def test_run_smoke(tiny_dir, tmp_path):
     js = tmp_path / "run.json"
-    r = runner.invoke(app, ["run", str(tiny_dir("mixtral")), "--capacity", "0.25,0.5", "--max-new-tokens", "2",
+    r = runner.invoke(app, ["run", str(tiny_dir("mixtral")), "--cache-experts", "25%,50%", "--max-new-tokens", "2",
                             "--repeats", "1", "--json", str(js)])
     assert r.exit_code == 0, r.output
     rows = json.loads(js.read_text())["rows"]
@@ -185,8 +185,10 @@ def test_run_smoke(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("args", [
     ["policies", "/nonexistent/trace.npz"],
-    ["policies", "{trace}", "--capacity", "1.5"],
-    ["policies", "{trace}", "--capacity", "abc"],
+    ["policies", "{trace}", "--cache-experts", "150%"],
+    ["policies", "{trace}", "--cache-experts", "abc"],
+    ["policies", "{trace}", "--cache-memory", "lots"],
+    ["policies", "{trace}", "--cache-experts", "1"],
     ["project", "--machine", "nope"],
     ["project", "--hit-rate", "2"],
     ["project", "--bits", "5"],
@@ -222,3 +224,32 @@ def test_unreadable_prompts_file_is_one_line(tiny_dir, tmp_path, what):
     r = runner.invoke(app, ["trace", str(tiny_dir("mixtral")), "--prompts", str(bad), "--out", str(tmp_path / "t.npz")])
     assert r.exit_code == 2, (r.output, r.exception)
     assert "prompts file" in r.output and "UTF-8" in r.output
+
+
+def test_policies_take_the_chat_cache_vocabulary(recorded, tmp_path):
+    """--cache-experts 25% (or 0.25), a slot count, and --cache-memory (bytes or a share) name the same caches."""
+    tr = Trace.load(recorded)
+    pool = tr.num_experts * len(tr.moe_layers)
+    js = tmp_path / "p.json"
+    r = runner.invoke(app, ["policies", str(recorded), "--cache-experts", "25%,0.5,12", "--cache-memory",
+                            f"{12 * tr.expert_bytes}B,50%", "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    lru = json.loads(js.read_text())["policies"]["lru"]
+    assert list(lru) == ["25%", "50%", "12 slots", f"{12 * tr.expert_bytes}B", "mem 50%"]
+    assert lru["25%"]["slots"] == round(pool / 4) and lru["50%"]["slots"] == lru["mem 50%"]["slots"] == pool // 2
+    assert lru["12 slots"] == lru[f"{12 * tr.expert_bytes}B"]
+
+
+def test_bench_h_version_and_defaults_in_help():
+    from importlib.metadata import version
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"moe-offload {version('moe-offload')}"
+    for cmd in ("run", "prefetch", "policies", "formats", "trace", "project", "predictors", "peers"):
+        r = runner.invoke(app, [cmd, "-h"], env={"COLUMNS": "300"})
+        assert r.exit_code == 0, (cmd, r.output)
+        if cmd in ("run", "prefetch", "policies"):
+            assert "--cache-experts" in r.output and "--cache-memory" in r.output and "--capacity" not in r.output
+            assert "[default: (25%,50%)]" in r.output or "[default: (10%,25%,50%,75%)]" in r.output
+    r = runner.invoke(app, ["formats", "-h"], env={"COLUMNS": "300"})
+    assert "--bits" in r.output and "--formats" not in r.output

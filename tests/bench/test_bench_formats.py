@@ -28,7 +28,7 @@ def _text(path, words: int = 500, vocab: int = 96):
 
 def test_formats_json_on_a_tiny_checkpoint(tiny_dir, tmp_path):
     model = tiny_dir("mixtral")
-    args = ["formats", str(model), "--formats", FORMATS, "--text", str(_text(tmp_path / "heldout.txt")),
+    args = ["formats", str(model), "--bits", FORMATS, "--text", str(_text(tmp_path / "heldout.txt")),
             "--tokens", "16", "--repeats", "1", "--json", str(tmp_path / "f.json"), "--work-dir", str(tmp_path / "w")]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
@@ -65,7 +65,7 @@ def test_formats_json_on_a_tiny_checkpoint(tiny_dir, tmp_path):
 
 
 def test_formats_that_do_not_divide_are_skipped_with_the_reason(tiny_dir, tmp_path):
-    r = runner.invoke(app, ["formats", str(tiny_dir("mixtral")), "--formats", "int4-g128", "--text",
+    r = runner.invoke(app, ["formats", str(tiny_dir("mixtral")), "--bits", "int4-g128", "--text",
                             str(_text(tmp_path / "t.txt", 100)), "--tokens", "4", "--repeats", "1",
                             "--json", str(tmp_path / "f.json"), "--work-dir", str(tmp_path / "w")])
     assert r.exit_code == 0, r.output
@@ -75,8 +75,8 @@ def test_formats_that_do_not_divide_are_skipped_with_the_reason(tiny_dir, tmp_pa
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--formats", "int5"], "unknown weight format"),
-    (["--formats", "int8-g32"], "takes no group size"),
+    (["--bits", "int5"], "unknown weight format"),
+    (["--bits", "int8-g32"], "takes no group size"),
     (["--text", "/nonexistent/heldout.txt"], "does not exist"),
 ])
 def test_bad_input_is_one_red_line_and_exit_2(tiny_dir, tmp_path, extra, message):

@@ -54,15 +54,15 @@ def test_predictors_bad_input_is_one_line(app, tiny_dir):
 
 def test_prefetch_smoke(app, tiny_dir, tmp_path):
     js = tmp_path / "pf.json"
-    r = runner.invoke(app, ["prefetch", str(tiny_dir("mixtral")), "--store-dir", str(tmp_path / "s"), "--capacity",
-                            "0.25", "--predictor", "none,gate", "--lookahead", "0,1", "--min-precision", "0.5,1",
+    r = runner.invoke(app, ["prefetch", str(tiny_dir("mixtral")), "--store-dir", str(tmp_path / "s"), "--cache-experts",
+                            "25%", "--predictor", "none,gate", "--lookahead", "0,1", "--min-precision", "0.5,1",
                             "--max-new-tokens", "2", "--repeats", "2", "--json", str(js)])
     assert r.exit_code == 0, r.output
     res = json.loads(js.read_text())
     rows = res["rows"]
-    assert [x["config"] for x in rows] == ["all resident", "0.25 (6) none", "0.25 (6) none again (control)",
-                                           "0.25 (6) gate d=0 p>=0.5", "0.25 (6) gate d=0 p>=1",
-                                           "0.25 (6) gate d=1 p>=0.5", "0.25 (6) gate d=1 p>=1"]
+    assert [x["config"] for x in rows] == ["all resident", "25% (6) none", "25% (6) none again (control)",
+                                           "25% (6) gate d=0 p>=0.5", "25% (6) gate d=0 p>=1",
+                                           "25% (6) gate d=1 p>=0.5", "25% (6) gate d=1 p>=1"]
     assert [x["predictor"] for x in rows] == ["none", "none", "control"] + ["gate"] * 4
     assert [x.get("prefetch_min_precision") for x in rows[3:]] == [0.5, 1.0, 0.5, 1.0]
     assert res["direct_io"] is True  # pytest's tmp is a local filesystem with O_DIRECT
@@ -86,13 +86,13 @@ def test_prefetch_oracle_rows_replay_the_recorded_routing(app, tiny_dir, tmp_pat
     """`--predictor oracle` prefetches the routing recorded for the same greedy decode: at lookahead 0 every
     expert it fetches is used (the measured ceiling of prefetch), and it names which rows it is."""
     js = tmp_path / "pf.json"
-    r = runner.invoke(app, ["prefetch", str(tiny_dir("mixtral")), "--store-dir", str(tmp_path / "s"), "--capacity",
-                            "0.5", "--predictor", "none,oracle", "--lookahead", "0,1", "--max-new-tokens", "6",
+    r = runner.invoke(app, ["prefetch", str(tiny_dir("mixtral")), "--store-dir", str(tmp_path / "s"), "--cache-experts",
+                            "50%", "--predictor", "none,oracle", "--lookahead", "0,1", "--max-new-tokens", "6",
                             "--repeats", "2", "--json", str(js)])
     assert r.exit_code == 0, r.output
     rows = json.loads(js.read_text())["rows"]
-    assert [x["config"] for x in rows] == ["all resident", "0.5 (12) none", "0.5 (12) none again (control)",
-                                           "0.5 (12) oracle d=0", "0.5 (12) oracle d=1"]
+    assert [x["config"] for x in rows] == ["all resident", "50% (12) none", "50% (12) none again (control)",
+                                           "50% (12) oracle d=0", "50% (12) oracle d=1"]
     assert [x["predictor"] for x in rows] == ["none", "none", "control", "oracle", "oracle"]
     d0 = rows[3]
     assert d0["prefetch_issued"] > 0 and d0["prefetch_useful"] == d0["prefetch_issued"], d0

@@ -37,23 +37,152 @@ def test_seeded_sampling_is_reproducible(tiny_dir):
 
 @pytest.mark.parametrize("args, message", [
     (["/definitely/missing"], "does not exist"),
-    (["--cache-experts", "1"], "cache_experts to >= 2"),
-    (["--store", "disk"], "needs store_dir"),
+    (["--cache-experts", "1"], "give --cache-experts 2 or more"),
+    (["--cache-experts", "lots"], "--cache-experts lots is not a slot count or a share of all experts"),
+    (["--cache-memory", "1KiB"], "give --cache-memory 72.0KiB or more"),
+    (["--cache-experts", "2", "--cache-memory", "1GiB"], "either --cache-experts N or --cache-memory SIZE"),
+    (["--store", "disk"], "--store disk needs --store-dir PATH"),
+    (["--bits", "4"], "--bits 4 needs a converted store: add --store disk and --store-dir PATH"),
     (["--policy", "nope"], "unknown policy"),
-    (["--device", "tpu"], "device must be"),
+    (["--device", "tpu"], "device must be cpu, cuda or cuda:N, got --device tpu"),
+    (["--context", "0"], "got --context 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_dir, args, message):
+    """Errors name the flags, never the Python API's options (store_dir=PATH, store='disk', raw bytes)."""
     if not args[0].startswith("/"):
         args = [str(tiny_dir("mixtral"))] + args
     r = runner.invoke(chat_app, args + ["--prompt", "w1"])
     assert r.exit_code == 2
-    assert message in r.output
+    assert message in r.output, r.output
     assert "Traceback" not in r.output
+    assert not re.search(r"\b(store_dir|store|device|bits|cache_experts|cache_memory|context)=", r.output), r.output
+    assert not re.search(r"\d{4,} bytes", r.output), r.output
 
 
-def test_prompt_longer_than_context(tiny_dir):
+def test_error_on_a_store_of_other_settings_reads_plainly(tiny_dir, tmp_path):
+    """A settings mismatch names the formats as written, with no JSON quoting, and offload-convert's flag."""
+    path = tiny_dir("mixtral")
+    assert runner.invoke(convert_app, [str(path), "--out", str(tmp_path / "s"), "--bits", "8"]).exit_code == 0
+    r = runner.invoke(chat_app, [str(path), "--store", "disk", "--store-dir", str(tmp_path / "s"), "--bits",
+                                 "int4-g32", "--prompt", "w1"])
+    assert r.exit_code == 2, r.output
+    assert "made with dtype bfloat16, format 8, not dtype bfloat16, format int4-g32" in r.output, r.output
+    assert "use another --store-dir PATH" in r.output and "'" not in r.output and '"' not in r.output
+    other = tiny_dir("olmoe")
+    r = runner.invoke(convert_app, [str(other), "--out", str(tmp_path / "s"), "--bits", "8"])
+    assert r.exit_code == 2 and "use another --out PATH" in r.output, r.output
+
+
+def test_cli_wording_translates_through_one_table():
+    from offload.cli.common import cli_wording
+
+    assert cli_wording("store='disk' needs store_dir=PATH.") == "--store disk needs --store-dir PATH."
+    assert cli_wording("give cache_memory=1.5MiB or more, direct_io=False") == \
+        "give --cache-memory 1.5MiB or more, --no-direct-io"
+    assert cli_wording("prefetch_worker='thread'") == "prefetch_worker='thread'"  # no flag: left as the API says
+
+
+def test_api_errors_keep_the_api_wording():
+    from offload import OffloadConfig, OffloadError
+
+    with pytest.raises(OffloadError, match=r"store='disk' needs store_dir=PATH"):
+        OffloadConfig(store="disk")
+
+
+def test_a_message_longer_than_the_context_is_one_line(tiny_dir):
     r = runner.invoke(chat_app, [str(tiny_dir("mixtral")), "--context", "8", "--prompt", " ".join(["w3"] * 20)])
-    assert r.exit_code == 2 and "longer than the context of 8" in r.output
+    assert r.exit_code == 2 and "this message is 20 tokens, longer than the context of 8" in r.output
+    assert "raise --context N" in r.output and "Traceback" not in r.output
+
+
+def test_a_conversation_that_outgrows_the_context_drops_its_oldest_turns(tiny_dir):
+    """Past --context the oldest turns go (the system prompt stays), one dim line says so, and every turn answers."""
+    import io
+
+    from rich.console import Console
+
+    from offload.cli.session import Chat, Settings
+    from offload.model import OffloadedModel
+
+    shown = io.StringIO()
+    with OffloadedModel.from_pretrained(tiny_dir("mixtral"), context=48) as model:
+        chat = Chat(model, Settings(max_new_tokens=6, temperature=0.0, system="w9 w9"),
+                    console=Console(file=shown, width=200))
+        for turn in range(8):
+            chat.answer(" ".join(f"w{turn + i}" for i in range(8)), stream=io.StringIO())
+            assert chat.prompt_for("w1").shape[1] + 6 <= 48
+        assert 2 <= len(chat.history) < 16 and chat.history[-2]["content"].startswith("w7 ")
+        assert len(model.tokenizer(chat.settings.system)["input_ids"]) > 0
+    assert shown.getvalue().count("oldest turns are dropped") == 1, shown.getvalue()
+
+
+def test_policy_help_lists_only_online_policies():
+    r = runner.invoke(chat_app, ["--help"], env={"COLUMNS": "200"})
+    line = next(x for x in r.output.splitlines() if "--policy" in x)
+    assert "lru" in line and "score" in line and "belady" not in r.output
+
+
+@pytest.mark.parametrize("app", [chat_app, convert_app])
+def test_h_and_version(app):
+    from importlib.metadata import version
+
+    assert runner.invoke(app, ["-h"]).exit_code == 0
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"moe-offload {version('moe-offload')}"
+
+
+def test_help_shows_every_default():
+    """Every option shows its default, a None default says what happens instead."""
+    r = runner.invoke(chat_app, ["--help"], env={"COLUMNS": "300"})
+    text = re.sub(r"[│╭╮╰╯─]", " ", r.output)
+    for flag, shown in (("--cache-experts", "what fits in memory"), ("--threads", "half the cores"),
+                        ("--context", "the model's maximum"), ("--max-new-tokens", "200"), ("--store ", "ram")):
+        line = next(x for x in text.splitlines() if flag in x)
+        assert "[default: " in line and shown in line, line
+    assert "page cache" in text and "mmap" in text  # what "ram" means
+
+
+def test_quick_start_shows_offloading(capfd):
+    """The README's first command: the demo model with a quarter of its experts resident, answered and planned."""
+    r = runner.invoke(chat_app, ["--cache-experts", "25%", "--prompt", "Hello", "--max-new-tokens", "8",
+                                 "--temperature", "0"])
+    assert r.exit_code == 0, r.output
+    assert re.search(r"resident experts\s*│\s*16 of 64 \(25%", r.output), r.output
+    plan = r.output[:r.output.index("└")]
+    assert plan.count("GiB available") == 1 and "GiB free" not in plan  # on CPU, free RAM is said once
+    for row in ("expert format", "dense (bfloat16)", "cache policy", "lru", "predictor", "none", "CPU threads"):
+        assert row in plan, row
+    assert "Loading weights" not in r.output + capfd.readouterr().err  # transformers' bar stays off
+    assert "<|" not in r.output  # no special tokens in the answer
+
+
+def test_loading_leaves_transformers_switches_as_found(tiny_dir):
+    from transformers.utils import logging as hf_logging
+
+    from offload.model import OffloadedModel
+
+    before = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
+    OffloadedModel.from_pretrained(tiny_dir("mixtral"), cache_experts=4).close()
+    assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == before
+
+
+def test_stats_show_hits_bytes_moved_per_tier_and_residency(tiny_dir):
+    from rich.console import Console
+
+    from offload.cli.session import stats_table
+    from offload.model import OffloadedModel
+    import torch
+
+    with OffloadedModel.from_pretrained(tiny_dir("mixtral"), cache_experts=4) as m:
+        m.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+        console = Console(width=200, record=True, file=open(os.devnull, "w"))
+        console.print(stats_table(m, rate=12.5))
+        text = console.export_text()
+    s = m.stats()
+    assert f"{s['hits']} hits, {s['misses']} misses" in text and "hit rate" in text
+    assert re.search(r"bytes moved\s*│\s*ram \d+\.\d MiB", text), text
+    assert f"resident experts       │ 4 of {s['total_experts']}" in text or "4 of 24" in text
+    assert "12.5" in text
 
 
 def test_convert_then_chat_from_disk_store(tiny_dir, tmp_path):
