@@ -6,6 +6,7 @@ everything else (attention, routers, shared experts, embeddings) loads exactly a
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import re
 import weakref
