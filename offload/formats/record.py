@@ -139,8 +139,9 @@ class RecordCodec:
             usable = [o for o in options if self._fits(o)]
             if not usable:
                 ks = sorted({s[1] for s in self.shapes})
-                raise OffloadError(f"{f} needs the experts' input sizes {ks} divisible by its group size; "
-                                   f"choose a group that divides them, e.g. {f.kind}-g32 or {f.kind}-adaptive")
+                fits = [f"{f.kind}-g{g}" for g in GROUP_SIZES if all(k % g == 0 for k in ks)]
+                fix = f"use {' or '.join(fits)}" if fits else "no group size divides them: use int8"
+                raise OffloadError(f"{f} needs the experts' input sizes {ks} divisible by its group size; {fix}")
             kinds += [self.kind((a, b)) for a in usable for b in usable]
         return kinds
 

@@ -332,3 +332,17 @@ def test_cuda_resident_is_dense_and_agrees_with_cpu():
         y = quant.qlinear(x.cuda(), resident, fmt, shape)
         assert y.device.type == "cuda" and y.dtype == act
         assert rel(y.cpu(), F.linear(x.float(), dense)) < (1e-4 if name == "fp32" else 0.01)
+
+
+def test_a_group_that_does_not_divide_the_experts_names_one_that_does():
+    from offload.formats.record import RecordCodec, format_rule
+    from offload.store.layout import ExpertLayout, TensorSpec
+
+    def codec(K: int, bits: str) -> RecordCodec:
+        dense = ExpertLayout((TensorSpec("gate_up", (64, K), torch.bfloat16), TensorSpec("down", (K, 32), torch.bfloat16)))
+        return RecordCodec(dense, format_rule(bits), False, torch.device("cpu"))
+
+    with pytest.raises(OffloadError, match=r"divisible by its group size; use int4-g32$"):
+        codec(96, "int4-g64").record_bytes
+    with pytest.raises(OffloadError, match=r"no group size divides them: use int8$"):
+        codec(48, "int4-g32").record_bytes
