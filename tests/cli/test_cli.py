@@ -335,7 +335,8 @@ def test_corrupt_tokenizer_is_one_line(tiny_dir, tmp_path):
 
 
 def test_store_dir_alone_uses_the_disk_store(tiny_dir, tmp_path):
-    r = runner.invoke(chat_app, chat_args(tiny_dir("mixtral"), "--store-dir", str(tmp_path / "s")))
+    r = runner.invoke(chat_app, chat_args(tiny_dir("mixtral"), "--store-dir", str(tmp_path / "s")),
+                      env={"COLUMNS": "300"})  # the plan table at full width
     assert r.exit_code == 0, r.output
     assert (tmp_path / "s" / "index.json").exists() and "disk store" in r.output
     r = runner.invoke(chat_app, chat_args(tiny_dir("mixtral"), "--store", "ram", "--store-dir", str(tmp_path / "t")))
