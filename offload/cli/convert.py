@@ -19,12 +19,15 @@ def convert(
     out: Path = typer.Option(..., "--out", "-o", help="store directory to write (resumes if interrupted)"),
     bits: Optional[str] = typer.Option(None, help="expert format: 16, 8, 4, 3, 2, ternary, int4-g64, ternary-z90, ..."),
     dtype: str = typer.Option("bfloat16", help="dtype of dense records"),
+    calibration: Optional[Path] = typer.Option(None, help="text file: quantize with GPTQ on the activations it "
+                                               "routes to each expert (int4/int3/int2, ternary)"),
 ) -> None:
     """Stream the experts into a checksummed store, one at a time (bounded memory, resumable)."""
     from offload.store.convert import build_store
 
     try:
-        summary = build_store(model_dir, out, bits=bits_option(bits), dtype=dtype)
+        summary = build_store(model_dir, out, bits=bits_option(bits), dtype=dtype,
+                              calibration=str(calibration) if calibration else None)
     except OffloadError as e:
         fail(str(e))
     Console().print(summary)
