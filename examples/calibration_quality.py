@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--work-dir", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    hf, arch, source, _k = open_checkpoint(args.model_dir, torch.bfloat16)
+    hf, arch, source, top_k = open_checkpoint(args.model_dir, torch.bfloat16)
     total = len(source.keys())
     params = sum(math.prod(s.shape) for s in source.layout.specs)
     window = int(hf.get_text_config().max_position_embeddings)
@@ -57,7 +57,7 @@ def main() -> None:
     t0 = time.perf_counter()
     stats = calibrate.collect(source, args.calibration, torch.bfloat16, progress=False)
     pass_s = time.perf_counter() - t0
-    n_tokens = sum(s["tokens"] for s in stats.values()) // len(source.layers)
+    n_tokens = sum(s["tokens"] for s in stats.values()) // (len(source.layers) * top_k)  # each token: top_k experts
     low = sum(s["tokens"] < calibrate.MIN_TOKENS for s in stats.values()) + total - len(stats)
     print(f"calibration pass: {n_tokens} tokens in {pass_s:.1f} s = {n_tokens / pass_s:.0f} tokens/s; "
           f"experts below {calibrate.MIN_TOKENS} tokens: {low} of {total}")

@@ -111,3 +111,13 @@ def test_killed_calibrated_conversion_resumes_byte_identical(tiny_dir, tmp_path,
     build_store(model_dir, tmp_path / "resumed", bits=FMT, progress=False, calibration=str(text))
     assert not collected
     assert digest(tmp_path / "resumed") == digest(tmp_path / "clean")
+
+
+def test_convert_cli_names_a_missing_calibration_file(tiny_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from offload.cli.convert import convert_app
+
+    r = CliRunner().invoke(convert_app, [str(tiny_dir("mixtral")), "--out", str(tmp_path / "s"), "--bits", FMT,
+                                         "--calibration", str(tmp_path / "nope.txt")])
+    assert r.exit_code == 2 and "--calibration FILE" in r.output and "Traceback" not in r.output
