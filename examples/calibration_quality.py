@@ -81,8 +81,8 @@ def main() -> None:
                     q = quality(m, ids, window, ref["tokens"], args.tokens)
                 bits = store_size(store_dir, params)["bits_per_param"]
                 rows.append((fmt, "GPTQ" if cal else "weights only", q, convert_s, bits))
-    print(f"\n| format | quantized from | perplexity | greedy agreement (first difference) | bits/param | "
-          f"conversion s |\n|---|---|---:|---:|---:|---:|")
+    print("\n| format | quantized from | perplexity | greedy agreement (first difference) | bits/param | "
+          "conversion s |\n|---|---|---:|---:|---:|---:|")
     for fmt, how, q, sec, bits in rows:
         first = "-" if q["first"] is None else q["first"]
         print(f"| {fmt} | {how} | {q['ppl']:.2f} | {q['agree']:.3f} ({first}) | {bits:.2f} | "
