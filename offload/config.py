@@ -88,6 +88,8 @@ class OffloadConfig:
     direct_io: bool = True              # read the disk store with O_DIRECT, bypassing the page cache (buffered
                                         # reads where the filesystem has no direct I/O)
 
+    calibration: str | None = None      # a text file: quantize experts with GPTQ on its routed activations
+                                        # (int4/int3/int2, ternary) when converting the disk store
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
         if not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
@@ -121,6 +123,15 @@ class OffloadConfig:
             if self.store != "disk":
                 raise OffloadError(f"bits={self.bits!r} needs a converted store: add store='disk' and "
                                    f"store_dir=PATH (converted once, reused afterwards)")
+        if self.calibration is not None:
+            from pathlib import Path
+
+            if self.bits in (None, 16):
+                raise OffloadError(f"calibration={self.calibration} quantizes experts, but bits is dense; give a "
+                                   f"quantized format too, e.g. bits='int4-g32' (--bits int4-g32)")
+            if not Path(self.calibration).is_file():
+                raise OffloadError(f"calibration file {self.calibration} not found; pass an existing text file "
+                                   f"(--calibration FILE)")
         if self.context is not None and self.context < 1:
             raise OffloadError(f"context must be a positive number of tokens, got context={self.context}")
         if not 0 <= self.lookahead <= 8:

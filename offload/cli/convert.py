@@ -21,13 +21,16 @@ def convert(
     bits: Optional[str] = typer.Option(None, help="expert format: 16, 8, 4, 3, 2, ternary, int4-g32, ternary-z90, ...",
                                        show_default="16: the checkpoint's dtype"),
     dtype: str = typer.Option("bfloat16", help="dtype of dense records"),
+    calibration: Optional[Path] = typer.Option(None, help="text file: quantize with GPTQ on the activations it "
+                                               "routes to each expert (int4/int3/int2, ternary)", show_default="none: weight-only"),
     version: bool = version_option(),
 ) -> None:
     """Stream the experts into a checksummed store, one at a time (bounded memory, resumable)."""
     from offload.store.convert import build_store
 
     try:
-        summary = build_store(model_dir, out, bits=bits_option(bits), dtype=dtype)
+        summary = build_store(model_dir, out, bits=bits_option(bits), dtype=dtype,
+                              calibration=str(calibration) if calibration else None)
     except OffloadError as e:
         fail(str(e), flags={"store_dir": "--out"})
     Console().print(summary)

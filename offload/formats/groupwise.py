@@ -13,34 +13,46 @@ import torch
 # min/max -> searched: int4-g128 0.100 -> 0.095, int3-g128 0.214 -> 0.184, int2-g128 0.501 -> 0.345.
 SHRINKS = {4: (1.0, 0.95, 0.9, 0.85), 3: (1.0, 0.95, 0.9, 0.85, 0.8, 0.75),
            2: (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55)}
-ROW_CHUNK = 256  # rows quantized at a time: bounds temporaries on 14336x4096 matrices
+CHUNK = 1 << 20  # candidate weights (rows x candidates) searched at a time: bounds temporaries, amortises overhead
+
+
+def _grid(hi: torch.Tensor, lo: torch.Tensor, share: torch.Tensor, top: int, mid: int):
+    """(scale, zero), rounded to bf16 as stored, of the range [lo, hi] shrunk about its middle to 2 * `share` of it."""
+    half = (hi - lo) * share
+    scale = (2 * half / top).clamp(min=1e-20).bfloat16().float()
+    return scale, ((hi + lo) / 2 - half + mid * scale).bfloat16().float()
 
 
 def quantize_groups(w: torch.Tensor, bits: int, G: int) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (codes uint8 [N, K] in 0..2^bits-1, qsz bf16 [K/G, N, 2] = (scale, zero) per group).
 
-    Codes are computed against the bf16-rounded scale and zero, i.e. against what is stored."""
+    Codes are computed against the bf16-rounded scale and zero, i.e. against what is stored. Every
+    candidate range of a chunk of rows is tried in one pass of each operation (in place, one buffer);
+    the first candidate with the least error wins, and the codes are computed once, for the winner."""
     N, K = w.shape
     top, mid = (1 << bits) - 1, 1 << (bits - 1)
+    halves = [s / 2 for s in SHRINKS[bits]]
+    stacked = torch.tensor(halves, device=w.device).view(-1, 1, 1, 1)          # [S, 1, 1, 1]
     codes = torch.empty(N, K, dtype=torch.uint8, device=w.device)
     sz = torch.empty(N, K // G, 2, dtype=torch.bfloat16, device=w.device)
-    for r in range(0, N, ROW_CHUNK):
-        g = w[r:r + ROW_CHUNK].float().view(-1, K // G, G)                       # [R, K/G, G]
+    rows = max(1, CHUNK // (len(halves) * K))
+    buf = torch.empty(len(halves) * min(rows, N) * K, device=w.device)
+    for r in range(0, N, rows):
+        g = w[r:r + rows].float().view(-1, K // G, G)                          # [R, K/G, G]
         hi, lo = g.amax(-1, keepdim=True), g.amin(-1, keepdim=True)
-        best = None
-        for shrink in SHRINKS[bits]:
-            half = (hi - lo) * (shrink / 2)
-            scale = (2 * half / top).clamp(min=1e-20).bfloat16().float()      # rounded as stored
-            zero = ((hi + lo) / 2 - half + mid * scale).bfloat16().float()
-            q = ((g - zero) / scale).round_().add_(mid).clamp_(0, top)
-            err = ((q - mid) * scale + zero - g).square_().sum(-1, keepdim=True)
-            if best is None:
-                best = [q, scale, zero, err]
-                continue
-            better = err < best[3]
-            best = [torch.where(better, new, old) for new, old in zip((q, scale, zero, err), best)]
-        codes[r:r + ROW_CHUNK] = best[0].view(-1, K).to(torch.uint8)
-        sz[r:r + ROW_CHUNK] = torch.cat([best[1], best[2]], -1).bfloat16()
+        scale, zero = _grid(hi, lo, stacked, top, mid)                          # [S, R, K/G, 1]
+        c = buf[:len(halves) * g.numel()].view(len(halves), *g.shape)          # [S, R, K/G, G]
+        torch.sub(g, zero, out=c).div_(scale).round_().clamp_(-mid, top - mid)  # = codes - mid, exactly
+        err = c.mul_(scale).add_(zero).sub_(g).square_().sum(-1, keepdim=True)
+        least, half = err[0], torch.full_like(hi, halves[0])
+        for i in range(1, len(halves)):  # the first candidate of least error wins
+            half.masked_fill_(err[i] < least, halves[i])
+            least = torch.minimum(least, err[i])
+        scale, zero = _grid(hi, lo, half, top, mid)                             # the winner's, recomputed
+        q = c[0]
+        torch.sub(g, zero, out=q).div_(scale).round_().add_(mid).clamp_(0, top)
+        codes[r:r + rows] = q.view(-1, K)
+        sz[r:r + rows] = torch.cat([scale, zero], -1)
     return codes, sz.transpose(0, 1).contiguous()
 
 

@@ -257,7 +257,10 @@ class Ternary(Int4Coded):
         return [("qweight", (2 * -(-N * K // 10),), torch.uint8), ("scales", (N,), torch.bfloat16)]
 
     def quantize(self, fmt, w):
-        t, scale = ternarize(w, fmt.zeros / 100 if fmt.zeros else None)
+        return self.pack(*ternarize(w, fmt.zeros / 100 if fmt.zeros else None))
+
+    def pack(self, t: torch.Tensor, scale: torch.Tensor) -> Parts:
+        """t [N, K] in {-1, 0, 1} and the row scales [N] -> the storage form."""
         stream = packing.kernel_order((t + 1).to(torch.uint8))            # digits 0..2, kernel order
         return {"qweight": packing.pack_base3(stream), "scales": scale.bfloat16()}
 

@@ -157,6 +157,10 @@ class RecordCodec:
         return max(k.compute.nbytes for k in self.candidates())
 
     # --- converter side --------------------------------------------------------------------------
+    def meta(self, keys: list) -> dict:
+        """What index.json records about how this codec encoded the records of `keys` (weights alone: nothing)."""
+        return {}
+
     def encode(self, key: tuple[int, int], tensors: dict[str, torch.Tensor]):
         """Dense record tensors -> (kind name, storage layout, storage tensors): the converter's encoder."""
         fmt = self.rule(*key)

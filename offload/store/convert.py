@@ -116,7 +116,7 @@ def _write(source: CheckpointSource, store_dir: Path, settings: dict, codec: Rec
     encode = codec.encode if codec else lambda key, t: (settings.get("format", "dense"), source.layout, t)
     keys = source.keys()
     head = {"version": STORE_VERSION, "fingerprint": source.fingerprint(), "settings": settings,
-            "record_bytes": record_bytes, "num_records": len(keys)}
+            "record_bytes": record_bytes, "num_records": len(keys), **(codec.meta(keys) if codec else {})}
     journal_path, partial = store_dir / JOURNAL, store_dir / PARTIAL
     journal = {**head, "layouts": {}, "records": []}
     if journal_path.exists():
@@ -199,19 +199,26 @@ def open_store(cfg, source: CheckpointSource, codec: RecordCodec | None, progres
         return RamStore(source)
     fmt = "dense" if codec is None else ("custom" if callable(cfg.bits) else json.dumps(cfg.bits, sort_keys=True))
     settings = {"dtype": str(cfg.dtype).removeprefix("torch."), "format": fmt}
+    if cfg.calibration:
+        from offload.store.calibrate import calibrated_codec, settings_of
+
+        settings["calibration"] = settings_of(cfg.calibration)
+        if not (Path(cfg.store_dir) / INDEX).exists():  # statistics only when there are records to write
+            codec = calibrated_codec(codec, source, cfg.calibration, Path(cfg.store_dir), cfg.dtype, progress)
     return open_or_convert(source, Path(cfg.store_dir), settings, codec, progress=progress, verify=cfg.verify,
                            direct=cfg.direct_io)
 
 
-def build_store(model_dir, out: Path, bits=None, dtype="bfloat16", progress: bool = True) -> str:
+def build_store(model_dir, out: Path, bits=None, dtype="bfloat16", progress: bool = True,
+                calibration: str | None = None) -> str:
     """`offload-convert`: write (or resume, or verify and reuse) the store for `model_dir`; returns a summary.
 
-    The settings are exactly those `from_pretrained(..., store="disk", store_dir=out, bits=bits)` asks
-    for, so the model reuses this store."""
+    The settings are exactly those `from_pretrained(..., store="disk", store_dir=out, bits=bits,
+    calibration=calibration)` asks for, so the model reuses this store."""
     from offload.config import OffloadConfig
     from offload.store.source import open_checkpoint
 
-    cfg = OffloadConfig(store="disk", store_dir=str(out), bits=bits, dtype=dtype)
+    cfg = OffloadConfig(store="disk", store_dir=str(out), bits=bits, dtype=dtype, calibration=calibration)
     _hf, arch, source, _k = open_checkpoint(model_dir, cfg.dtype)
     t0 = time.perf_counter()
     store = open_store(cfg, source, codec_for(cfg, source, arch), progress)
