@@ -73,6 +73,7 @@ def chat(
     store: str = typer.Option("ram", help="ram (checkpoint, mmap) or disk (converted store)"),
     store_dir: Optional[Path] = typer.Option(None, help="directory of the disk store"),
     bits: Optional[str] = typer.Option(None, help="expert format: 16, 8, 4, 3, 2, ternary, int4-g64, ternary-z90, ..."),
+    dense_bits: Optional[int] = typer.Option(None, help="non-expert linears (attention, shared experts, lm_head): 8 or 4 bits"),
     policy: str = typer.Option("lru", help="cache eviction policy"),
     predictor: Optional[str] = typer.Option(None, help="expert predictor for prefetch: gate, previous, ..."),
     lookahead: int = typer.Option(1, help="MoE layers the predictor looks ahead (0: from the layer's own entry, before attention)"),
@@ -93,7 +94,7 @@ def chat(
     try:
         model = load(model_dir, console, quiet=False, device=device, dtype=dtype, cache_experts=cache_experts,
                      cache_memory=cache_memory, store=store, store_dir=str(store_dir) if store_dir else None,
-                     bits=_bits(bits), policy=policy, predictor=predictor, lookahead=lookahead, context=context)
+                     bits=_bits(bits), dense_bits=dense_bits, policy=policy, predictor=predictor, lookahead=lookahead, context=context)
         if model.tokenizer is None:
             fail(f"{model_dir} has no tokenizer files; offload-chat needs the checkpoint's tokenizer")
         if seed is not None:
@@ -118,12 +119,17 @@ def convert(
     out: Path = typer.Option(..., "--out", "-o", help="store directory to write (resumes if interrupted)"),
     bits: Optional[str] = typer.Option(None, help="expert format: 16, 8, 4, 3, 2, ternary, int4-g64, ternary-z90, ..."),
     dtype: str = typer.Option("bfloat16", help="dtype of dense records"),
+    dense_bits: Optional[int] = typer.Option(None, help="also quantize the non-expert linears (8 or 4) into the store"),
 ) -> None:
     """Stream the experts into a checksummed store, one at a time (bounded memory, resumable)."""
     from offload.convert import build_store
 
     try:
         summary = build_store(model_dir, out, bits=_bits(bits), dtype=dtype)
+        if dense_bits is not None:
+            from offload.dense import cache_dense
+
+            summary += "\n" + cache_dense(model_dir, out, _bits(bits), dtype, dense_bits)
     except OffloadError as e:
         fail(str(e))
     Console().print(summary)

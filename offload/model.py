@@ -59,7 +59,14 @@ class OffloadedModel:
             on_plan(plan)
         store = open_store(cfg, source, codec, progress)
 
-        model = _load_model(model_dir, hf_config, arch, cfg)
+        dense = None
+        if cfg.dense_bits is not None:
+            from offload.dense import DenseLoader
+
+            dense = DenseLoader(cfg.dense_bits, cfg.dtype, Path(cfg.store_dir) if cfg.store == "disk" else None,
+                                source.fingerprint(), source.files,
+                                {name for h in source._handles.values() for name in h.keys()})
+        model = _load_model(model_dir, hf_config, arch, cfg, dense)
         moe_layers = []
         for name, module in model.named_modules():
             if type(module).__name__ == "Offloaded" + arch.experts_class:
@@ -197,7 +204,8 @@ def _predictor(cfg: OffloadConfig, model, moe_layers: list[int], num_experts: in
                           num_experts=num_experts, top_k=top_k, lookahead=cfg.lookahead, width=width)
 
 
-def _load_model(path: Path, hf_config, arch: Arch, cfg: OffloadConfig):
+def _load_model(path: Path, hf_config, arch: Arch, cfg: OffloadConfig, dense=None):
+    """transformers' model minus the experts; `dense` (a DenseLoader) quantizes the other linears as they load."""
     model_cls = AutoModelForCausalLM._model_mapping[type(hf_config)]
     orig = getattr(importlib.import_module(model_cls.__module__), arch.experts_class)
     register_patch_mapping({arch.experts_class: offloaded_class(orig)}, overwrite=True)
@@ -205,7 +213,10 @@ def _load_model(path: Path, hf_config, arch: Arch, cfg: OffloadConfig):
     transformers.logging.set_verbosity_error()  # the dropped expert tensors are reported as "unexpected"
     try:
         kwargs = {"device_map": {"": cfg.device}} if cfg.device != "cpu" else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=cfg.dtype, **kwargs)
+        with dense.loading() if dense is not None else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=cfg.dtype, **kwargs)
+        if dense is not None:
+            dense.finish(model)
     finally:
         unregister_patch_mapping([arch.experts_class])
         transformers.logging.set_verbosity(verbosity)

@@ -33,6 +33,7 @@ class MemoryPlan:
     store_bytes: int          # all experts in the store
     capacity: int             # resident expert slots
     top_k: int
+    dense_bits: int | None = None  # width of the non-expert linears (None: the model dtype)
 
     @property
     def resident_bytes(self) -> int:
@@ -47,7 +48,8 @@ class MemoryPlan:
         return [
             ("compute device", f"{self.device} ({gib(self.device_free)} free)"),
             ("RAM", f"{gib(self.ram_available)} available of {gib(self.ram_total)}"),
-            ("non-expert weights", gib(self.non_expert_bytes)),
+            ("non-expert weights", gib(self.non_expert_bytes) + (f" (linears int{self.dense_bits})"
+                                                                 if self.dense_bits else "")),
             (f"KV cache at {self.context} tokens", gib(self.kv_bytes)),
             ("experts in store", f"{self.total_experts} x {gib(self.expert_bytes)} = {gib(self.store_bytes)} "
                                  f"({self.store})"),
@@ -80,7 +82,9 @@ def make_plan(cfg: OffloadConfig, hf_config, source: CheckpointSource, expert_by
     c = hf_config.get_text_config()
     context = cfg.context or min(getattr(c, "max_position_embeddings", 4096) or 4096, 4096)
     kv = kv_bytes_per_token(hf_config, cfg.dtype) * context
-    non_expert = source.non_expert_bytes()
+    from offload.dense import non_expert_bytes
+
+    non_expert = non_expert_bytes(source, hf_config, cfg.dense_bits)
     free = device_free(cfg.device)
     vm = psutil.virtual_memory()
     total = len(source.keys())
@@ -113,4 +117,4 @@ def make_plan(cfg: OffloadConfig, hf_config, source: CheckpointSource, expert_by
     return MemoryPlan(device=cfg.device, device_free=free, ram_total=vm.total, ram_available=vm.available,
                       non_expert_bytes=non_expert, kv_bytes=kv, context=context, expert_bytes=expert_bytes,
                       total_experts=total, store=cfg.store, store_bytes=total * expert_bytes,
-                      capacity=min(capacity, total), top_k=top_k)
+                      capacity=min(capacity, total), top_k=top_k, dense_bits=cfg.dense_bits)
