@@ -73,6 +73,8 @@ class OffloadConfig:
                                         # store. Default: disk when store_dir is given, else ram
     store_dir: str | None = None        # where the disk store lives (required for store="disk")
     bits: int | str | dict | None = None  # expert format: None/16 dense, 8, 4, 3, 2, "ternary", or per-layer dict
+    dense_bits: int | None = None       # non-expert linears (attention, shared experts, lm_head): 8, 4 or None
+                                        # (the checkpoint dtype); routers and embeddings keep their dtype
     cache_experts: int | str | None = None  # resident expert slots (global across layers): 16, or "25%" of all
     cache_memory: int | str | None = None  # or a byte budget for the slots: 2GiB, 512MB, or "25%" of all experts' bytes
     policy: str = "lru"                 # eviction policy (cache.POLICIES)
@@ -132,6 +134,10 @@ class OffloadConfig:
             if not Path(self.calibration).is_file():
                 raise OffloadError(f"calibration file {self.calibration} not found; pass an existing text file "
                                    f"(--calibration FILE)")
+        if self.dense_bits is not None and (isinstance(self.dense_bits, bool) or self.dense_bits not in (8, 4)):
+            raise OffloadError(f"dense_bits must be 8 or 4 (or None), got {self.dense_bits!r}")
+        if self.dense_bits is not None and str(self.device).startswith("cuda"):
+            raise OffloadError("dense_bits runs on torch's CPU int8/int4 kernels; use device='cpu' or dense_bits=None")
         if self.context is not None and self.context < 1:
             raise OffloadError(f"context must be a positive number of tokens, got context={self.context}")
         if not 0 <= self.lookahead <= 8:

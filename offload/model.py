@@ -27,6 +27,7 @@ from offload.engine.experts import offloaded_class
 from offload.engine.hooks import hook_attention_outputs, hook_layer_entries
 from offload.plan import MemoryPlan, make_plan
 from offload.engine.slots import SlotPool
+from offload.store.hub_formats import Dense
 from offload.store.source import CheckpointSource, open_checkpoint
 from offload.engine.tracer import Tracer
 
@@ -59,7 +60,16 @@ class OffloadedModel:
             on_plan(plan)
         store = open_store(cfg, source, codec, progress)
 
-        model = _load_model(model_dir, hf_config, arch, cfg, source)
+        dense = None
+        if cfg.dense_bits is not None:
+            from offload.formats.dense_linears import DenseLoader
+
+            if not isinstance(source.format, Dense):
+                raise OffloadError("dense_bits with a packed (FP8/MXFP4) checkpoint is not supported yet; drop "
+                                   "dense_bits (--dense-bits)")
+            dense = DenseLoader(cfg.dense_bits, cfg.dtype, Path(cfg.store_dir) if cfg.store == "disk" else None,
+                                source.non_expert_fingerprint(), source.files, source.tensor_names())
+        model = _load_model(model_dir, hf_config, arch, cfg, source, dense)
         moe_layers = []
         for name, module in model.named_modules():
             if type(module).__name__ == "Offloaded" + arch.experts_class:
@@ -196,16 +206,19 @@ def _predictor(cfg: OffloadConfig, model, moe_layers: list[int], num_experts: in
                           num_experts=num_experts, top_k=top_k, lookahead=cfg.lookahead, width=width)
 
 
-def _load_model(path: Path, hf_config, arch: Arch, cfg: OffloadConfig, source: CheckpointSource):
+def _load_model(path: Path, hf_config, arch: Arch, cfg: OffloadConfig, source: CheckpointSource, dense=None):
+    """transformers' model minus the experts; `dense` (a DenseLoader) quantizes the other linears as they load."""
     model_cls = AutoModelForCausalLM._model_mapping[type(hf_config)]
     orig = getattr(importlib.import_module(model_cls.__module__), arch.experts_class)
     register_patch_mapping({arch.experts_class: offloaded_class(orig)}, overwrite=True)
     try:
         kwargs = {"device_map": {"": cfg.device}} if cfg.device != "cpu" else {}
-        with _transformers_quiet():
+        with _transformers_quiet(), dense.loading() if dense is not None else contextlib.nullcontext():
             model = AutoModelForCausalLM.from_pretrained(path, config=source.format.load_config(hf_config),
                                                          dtype=cfg.dtype, **kwargs)
         source.finish_load(model)
+        if dense is not None:
+            dense.finish(model)
     finally:
         unregister_patch_mapping([arch.experts_class])
     return model.eval()

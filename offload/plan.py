@@ -38,6 +38,7 @@ class MemoryPlan:
     policy: str = "lru"
     predictor: str = "none"
     threads: int = 1          # torch CPU threads
+    dense_bits: int | None = None  # width of the non-expert linears (None: the model dtype)
 
     @property
     def resident_bytes(self) -> int:
@@ -53,7 +54,8 @@ class MemoryPlan:
         return [
             ("compute device", self.device if cpu else f"{self.device} ({size(self.device_free)} free)"),
             ("RAM", f"{size(self.ram_available)} available of {size(self.ram_total)}"),
-            ("non-expert weights", size(self.non_expert_bytes)),
+            ("non-expert weights", size(self.non_expert_bytes) + (f" (linears int{self.dense_bits})"
+                                                                  if self.dense_bits else "")),
             (f"KV cache at {self.context} tokens", size(self.kv_bytes)),
             ("experts in store", f"{self.total_experts} x {size(self.expert_bytes)} resident form, "
                                  f"{size(self.store_bytes)} in the {self.store} store"),
@@ -92,7 +94,9 @@ def make_plan(cfg: OffloadConfig, hf_config, source: CheckpointSource, expert_by
     c = hf_config.get_text_config()
     context = cfg.context or min(getattr(c, "max_position_embeddings", 4096) or 4096, 4096)
     kv = kv_bytes_per_token(hf_config, cfg.dtype) * context
-    non_expert = source.non_expert_bytes()
+    from offload.formats.dense_linears import non_expert_bytes
+
+    non_expert = non_expert_bytes(source, hf_config, cfg.dense_bits)
     free = device_free(cfg.device)
     vm = psutil.virtual_memory()
     total = len(source.keys())
@@ -125,7 +129,7 @@ def make_plan(cfg: OffloadConfig, hf_config, source: CheckpointSource, expert_by
                       total_experts=total, store=cfg.store,
                       store_bytes=source.expert_disk_bytes() if cfg.store == "ram" else total * expert_bytes,
                       capacity=min(capacity, total), top_k=top_k, bits=_format_name(cfg), policy=cfg.policy,
-                      predictor=_predictor_name(cfg), threads=torch.get_num_threads(),
+                      predictor=_predictor_name(cfg), threads=torch.get_num_threads(), dense_bits=cfg.dense_bits,
                       capped_from=cfg.cache_experts if isinstance(cfg.cache_experts, int) and cfg.cache_experts > total
                       else None)
 

@@ -139,8 +139,12 @@ def expert_bytes(shape: ModelShape, bits: int | str = 4) -> float:
     return shape.expert_params * bits_per_weight(bits) / 8
 
 
-def non_expert_bytes(shape: ModelShape, bits: int | str = 4) -> float:
-    """bf16 when the non-expert part is small (<= 2.5 B params), else quantized like the experts (4.4)."""
+def non_expert_bytes(shape: ModelShape, bits: int | str = 4, dense_bits: int | None = None) -> float:
+    """bf16 when the non-expert part is small (<= 2.5 B params), else quantized like the experts (4.4);
+    with `dense_bits` (8 or 4), the linears at that width and the input embedding (vocab x hidden) in bf16."""
+    if dense_bits is not None:
+        embed = 0 if shape.tied_embeddings else shape.vocab * shape.hidden
+        return embed * 2 + (shape.non_expert_params - embed) * bits_per_weight(dense_bits) / 8
     if shape.non_expert_params <= 2.5e9:
         return shape.non_expert_params * 2
     return shape.non_expert_params * bits_per_weight(bits) / 8
@@ -236,9 +240,10 @@ class Fit:
         return min(self.slots, self.total_experts) / self.moe_layers
 
 
-def fit(shape: ModelShape, mach: Machine, bits: int | str = 4, context: int = 0) -> Fit:
+def fit(shape: ModelShape, mach: Machine, bits: int | str = 4, context: int = 0,
+        dense_bits: int | None = None) -> Fit:
     """Expert slots left on `mach` after the non-expert weights, `mach.reserve` and a KV cache of `context` tokens."""
-    ne = non_expert_bytes(shape, bits)
+    ne = non_expert_bytes(shape, bits, dense_bits)
     kv = float(shape.kv_bytes_per_token * context)
     e = expert_bytes(shape, bits)
     cache = max(0.0, mach.vram - ne - kv - mach.reserve)
@@ -267,7 +272,7 @@ class Projection:
 
 
 def project(shape: ModelShape, mach: Machine, hit_rate: float, bits: int | str = 4, link: str = "pinned",
-            cpu_hit_rate: float | None = None) -> Projection:
+            cpu_hit_rate: float | None = None, dense_bits: int | None = None) -> Projection:
     """Batch-1 decode ceilings at cache hit rate `hit_rate`. link: pinned, pageable or disk (misses read from NVMe).
 
     cpu_hit_rate: the GPU hit rate of the CPU-compute design (default `hit_rate`). Computing misses on the
@@ -278,7 +283,7 @@ def project(shape: ModelShape, mach: Machine, hit_rate: float, bits: int | str =
         raise ValueError(f"link must be one of {', '.join(links)}, got {link!r}")
     miss = bytes_per_token(shape, hit_rate, bits)
     active = shape.active_experts * expert_bytes(shape, bits)
-    ne = non_expert_bytes(shape, bits)
+    ne = non_expert_bytes(shape, bits, dense_bits)
     t_stream = (ne + active) / mach.gpu_bw + miss / links[link]        # demand loads, no overlap
     cpu_miss = miss if cpu_hit_rate is None else bytes_per_token(shape, cpu_hit_rate, bits)
     t_cpu = (ne + active - cpu_miss) / mach.gpu_bw + cpu_miss / mach.ram_bw  # the CPU reads each missed expert once

@@ -24,7 +24,7 @@ def static_hit_rate(tr, slots: int) -> float:
 
 
 def projection_rows(trace_path: Optional[Path], bits: str, machine: str, hit_rates: list[float],
-                    policy: str = "lru", context: int = 0) -> list[dict]:
+                    policy: str = "lru", context: int = 0, dense_bits: Optional[int] = None) -> list[dict]:
     from cache import hit_rate_curve
     from offload.bench import costmodel as cm
 
@@ -32,7 +32,7 @@ def projection_rows(trace_path: Optional[Path], bits: str, machine: str, hit_rat
     tr = load_trace(trace_path) if trace_path is not None else None
     rows = []
     for shape in cm.PRESETS.values():
-        f = cm.fit(shape, mach, bits, context)
+        f = cm.fit(shape, mach, bits, context, dense_bits)
         hs = [(h, h) for h in hit_rates]  # (dynamic cache hit rate, static hot-set hit rate)
         source = "given (same for both designs)"
         if not hs:
@@ -48,7 +48,7 @@ def projection_rows(trace_path: Optional[Path], bits: str, machine: str, hit_rat
                 hs = [(r["hit_rate"], static_hit_rate(tr, slots))]
                 source = f"trace: {policy} (stream) / static top-N (CPU) @ {slots}/{pool} slots"
         for h, h_static in hs:
-            p = cm.project(shape, mach, h, bits, cpu_hit_rate=h_static)
+            p = cm.project(shape, mach, h, bits, cpu_hit_rate=h_static, dense_bits=dense_bits)
             rows.append({"model": shape.name, "expert_mb": f.expert_bytes / 1e6, "slots": f.slots,
                          "total_experts": f.total_experts, "fraction": f.fraction, "hit_rate": h, "cpu_hit_rate": h_static,
                          "hit_source": source,
@@ -67,6 +67,8 @@ def project(
                                                  show_default="from --trace"),
     policy: str = typer.Option("lru", help="policy whose trace hit rate is used"),
     context: int = typer.Option(0, min=0, help="tokens of KV cache to reserve beyond the 3 GB allowance"),
+    dense_bits: Optional[int] = typer.Option(None, help="non-expert linears at 8 or 4 bits",
+                                             show_default="bf16 up to 2.5 B params, else the expert format"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the rows as JSON", show_default="no file"),
 ) -> None:
     """PROJECTED (not measured) batch-1 decode ceilings for the preset models on one card."""
@@ -79,7 +81,10 @@ def project(
         cm.bits_per_weight(bits if not bits.isdigit() else int(bits))
         b = int(bits) if bits.isdigit() else bits
         mach = cm.machine(machine)
-        rows = projection_rows(trace_path, b, machine if machine != "local" else "local", hs, policy, context)
+        if dense_bits not in (None, 8, 4):
+            raise ValueError(f"dense_bits must be 8 or 4 (or None), got {dense_bits}")
+        rows = projection_rows(trace_path, b, machine if machine != "local" else "local", hs, policy, context,
+                               dense_bits)
         t = Table(title=f"PROJECTION, not a measurement: batch-1 decode ceilings on {mach.name} "
                         f"({mach.vram / 1e9:.0f} GB, link {mach.link_bw / 1e9:.0f} GB/s pinned, RAM "
                         f"{mach.ram_bw / 1e9:.0f} GB/s), experts at {cm.bits_per_weight(b):g} bits/weight")
@@ -93,8 +98,9 @@ def project(
                       "-" if math.isinf(r["link_ceiling_tok_s"]) else f"{r['link_ceiling_tok_s']:.1f}")
         out.print(t)
         src = "; ".join(dict.fromkeys(r["hit_source"] for r in rows))
-        out.print(f"Assumptions: rooflines (bytes / bandwidth), no kernel or Python overheads, no copy/compute overlap; "
-                  f"non-expert weights bf16 if <= 2.5 B params else at the expert format; {mach.reserve / 1e9:g} GB "
+        out.print("Assumptions: rooflines (bytes / bandwidth), no kernel or Python overheads, no copy/compute overlap; "
+                  "non-expert weights " + (f"linears int{dense_bits}, embeddings bf16; " if dense_bits else
+                                            "bf16 if <= 2.5 B params else at the expert format; ") + f"{mach.reserve / 1e9:g} GB "
                   f"reserved for CUDA context, KV cache and workspace; hit rates from: {src} (a small model's trace "
                   f"stands in for the big ones; short traces undercount hits by their cold misses); stream: misses copied over the link into an LRU cache; "
                   f"CPU-compute: a static hot set on the GPU, misses computed from RAM; streaming beats computing every "

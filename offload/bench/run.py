@@ -35,6 +35,8 @@ def run(
     prompt_tokens: int = typer.Option(32, min=1, help="random prompt length"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the rows as JSON", show_default="no file"),
     threads: int = typer.Option(1, min=1, help="torch CPU threads"),
+    dense_bits: Optional[int] = typer.Option(None, help="non-expert linears at 8 or 4 bits",
+                                             show_default="the checkpoint dtype"),
 ) -> None:
     """Real decode on this machine: every configuration side by side in one process, alternating, medians."""
     from offload.bench import costmodel as cm
@@ -48,7 +50,7 @@ def run(
         pols = split_list(policy) or ["lru"]
         preds = split_list(predictor) or ["none"]
         total, expert_bytes = expert_pool(model_dir)
-        opts = {"store": store, "store_dir": str(store_dir) if store_dir else None}
+        opts = {"store": store, "store_dir": str(store_dir) if store_dir else None, "dense_bits": dense_bits}
         configs = [("all resident", dict(cache_experts=total, policy="lru"))]
         for c, p, pr in itertools.product(sizes, pols, preds):
             slots = min(total, c.slots(total, expert_bytes))

@@ -23,6 +23,8 @@ def convert(
     dtype: str = typer.Option("bfloat16", help="dtype of dense records"),
     calibration: Optional[Path] = typer.Option(None, help="text file: quantize with GPTQ on the activations it "
                                                "routes to each expert (int4/int3/int2, ternary)", show_default="none: weight-only"),
+    dense_bits: Optional[int] = typer.Option(None, help="also quantize the non-expert linears (8 or 4) into the "
+                                             "store", show_default="none"),
     version: bool = version_option(),
 ) -> None:
     """Stream the experts into a checksummed store, one at a time (bounded memory, resumable)."""
@@ -31,6 +33,10 @@ def convert(
     try:
         summary = build_store(model_dir, out, bits=bits_option(bits), dtype=dtype,
                               calibration=str(calibration) if calibration else None)
+        if dense_bits is not None:
+            from offload.formats.dense_linears import cache_dense
+
+            summary += "\n" + cache_dense(model_dir, out, bits_option(bits), dtype, dense_bits)
     except OffloadError as e:
         fail(str(e), flags={"store_dir": "--out"})
     Console().print(summary)

@@ -154,6 +154,29 @@ class CheckpointSource:
         are decoded at load, and scale tensors are part of the tensor they scale."""
         return sum(math.prod(t.shape) * self.dtype.itemsize for t in self._non_expert().values())
 
+    def non_expert_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{name: shape} of the tensors transformers loads (neither experts nor past the model's last layer)."""
+        return {name: tuple(t.shape) for name, t in self._non_expert().items()}
+
+    def tensor_names(self) -> set[str]:
+        """Every tensor name in the checkpoint's files."""
+        return {name for h in self._handles.values() for name in h.keys()}
+
+    def non_expert_fingerprint(self) -> str:
+        """What a cache of the quantized non-expert weights must match (the expert fingerprint leaves them out):
+        their names, dtypes, shapes and bytes sampled like the experts' (at most MAX_SAMPLES reads)."""
+        experts = {p.name for n in set(self._where.values()) for p in self._tensors[n].parts()}
+        wanted = {h: [(name, None) for name in h.keys() if name not in experts] for h in self._handles.values()}
+        count = sum(map(len, wanted.values()))
+        per = max(1, min(3, MAX_SAMPLES // max(count, 1)))
+        h = xxhash.xxh3_128()
+        for f, items in wanted.items():
+            for (name, _i), blocks in zip(items, f.samples(items, SAMPLE_BYTES, per)):
+                h.update(json.dumps([name, f.tensors[name][:2]]).encode())
+                for block in blocks:
+                    h.update(block)
+        return h.hexdigest()
+
     def expert_disk_bytes(self) -> int:
         """Bytes the experts take in the checkpoint's files (packed, as published): the RAM tier's store."""
         return sum(self._tensors[name].disk_bytes() for name in set(self._where.values()))

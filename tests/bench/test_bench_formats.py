@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from offload.bench.app import app
 from offload.bench.formats import agreement, perplexity, register
 
-register(app)  # idempotent: a no-op once offload/bench/commands.py registers it itself
+register(app)  # idempotent: a no-op once offload/bench/app.py registers it itself
 runner = CliRunner()
 
 # hidden 64 / intermediate 96 in the tiny models: only group size 32 divides both
