@@ -1,6 +1,6 @@
 """dense_bits benchmark: demo quality + decode, 0.8B Mixtral decode, peak RSS (see docs/benchmarks/dense-bits.md)."""
-import json, statistics, subprocess, sys, time
-from pathlib import Path
+import json, statistics, sys
+
 import torch
 from offload import OffloadedModel
 from offload.bench.common import measure_decode
