@@ -461,9 +461,9 @@ def run(
 
 
 def main() -> None:
-    from offload import bench_formats, bench_peers, bench_predictors
+    from offload import bench_formats, bench_peers, bench_predictors, decode_bench
 
-    for module in (bench_formats, bench_predictors, bench_peers):
+    for module in (bench_formats, bench_predictors, bench_peers, decode_bench):
         module.register(app)
     _run(app)
 

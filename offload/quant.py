@@ -289,18 +289,22 @@ def to_compute(parts: dict[str, torch.Tensor], fmt: QFormat, shape, device: torc
 
 def qlinear(x: torch.Tensor, resident: dict[str, torch.Tensor], fmt: QFormat, shape) -> torch.Tensor:
     """y = x @ W.T for x [..., K] -> [..., N] in x.dtype. CPU kernels take bf16 activations (fp32 is 10-50x slower)."""
-    N, K = (int(d) for d in shape)
-    x2 = x.reshape(-1, K)
+    N, K = int(shape[0]), int(shape[1])
+    flat = x.dim() == 2  # a decode step's [1, K]: no reshape, and no conversion when already bf16 (no-op ops cost)
+    x2 = x if flat else x.reshape(-1, K)
     if "weight" in resident:
         w = resident["weight"]
-        y = F.linear(x2.to(w.dtype), w)
-    elif fmt.kind == "int8":
-        y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), resident["qweight"],
-                                               resident["scales"])
+        y = F.linear(x2 if x2.dtype == w.dtype else x2.to(w.dtype), w)
     else:
-        qsz = resident["qsz"]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), resident["qweight"],
-                                                       K // qsz.shape[0], qsz)
+        if x2.dtype != torch.bfloat16 or not x2.is_contiguous():
+            x2 = x2.to(torch.bfloat16).contiguous()
+        if fmt.kind == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(x2, resident["qweight"], resident["scales"])
+        else:
+            qsz = resident["qsz"]
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, resident["qweight"], K // qsz.shape[0], qsz)
+    if flat and y.dtype == x.dtype:
+        return y
     return y.to(x.dtype).view(*x.shape[:-1], N)
 
 
