@@ -112,17 +112,20 @@ def floor(model, call: LayerCall) -> Callable[[], torch.Tensor]:
     return run
 
 
-def _per_layer_us(fn: Callable[[], object], layers: int, passes: int) -> float:
-    t0 = time.perf_counter()
+def _per_layer_us(fn: Callable[[], object], layers: int, passes: int, clock: Callable[[], float]) -> float:
+    t0 = clock()
     for _ in range(passes):
         fn()
-    return (time.perf_counter() - t0) / (passes * layers) * 1e6
+    return (clock() - t0) / (passes * layers) * 1e6
 
 
 @torch.inference_mode()
-def engine_overhead(model, calls: list[LayerCall], rounds: int = 15, passes: int = 40) -> dict:
+def engine_overhead(model, calls: list[LayerCall], rounds: int = 15, passes: int = 40,
+                    clock: Callable[[], float] = time.perf_counter) -> dict:
     """Per-layer µs of the engine's run_layer, of the floor, and of their difference (median of the per-round
-    differences), over all of `calls` in order; `bit_equal`: the floor computes exactly what the engine does."""
+    differences), over all of `calls` in order; `bit_equal`: the floor computes exactly what the engine does.
+    `clock=time.thread_time` counts this thread's CPU time only: on a shared machine the time spent waiting
+    for a core stays out (cache and memory contention do not)."""
     engine = model.engine
     floors = [floor(model, c) for c in calls]
     args = [(c.module, c.hidden, c.top_k_index, c.top_k_weights) for c in calls]
@@ -142,7 +145,8 @@ def engine_overhead(model, calls: list[LayerCall], rounds: int = 15, passes: int
     for r in range(rounds):
         order = ("engine", "floor") if r % 2 == 0 else ("floor", "engine")
         for name in order:
-            samples[name].append(_per_layer_us(run_engine if name == "engine" else run_floor, len(calls), passes))
+            samples[name].append(_per_layer_us(run_engine if name == "engine" else run_floor, len(calls), passes,
+                                               clock))
     model.reset_stats()  # the timed calls counted hits and tokens
     diffs = [a - b for a, b in zip(samples["engine"], samples["floor"])]
     return {"engine_us": statistics.median(samples["engine"]), "floor_us": statistics.median(samples["floor"]),
@@ -151,40 +155,48 @@ def engine_overhead(model, calls: list[LayerCall], rounds: int = 15, passes: int
 
 
 @torch.inference_mode()
-def manual_decode(model, ids: torch.Tensor, n: int) -> tuple[float, list[int]]:
+def manual_decode(model, ids: torch.Tensor, n: int, clock: Callable[[], float] = time.perf_counter
+                  ) -> tuple[float, list[int]]:
     """Seconds per token of a bare greedy loop (model forward + argmax, n tokens after the prompt's), and its
     tokens."""
     hf = model.model
     out = hf(ids, use_cache=True)
     tok = out.logits[:, -1:].argmax(-1)
     tokens = [int(tok)]
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(n):
         out = hf(tok, cache=out.cache, use_cache=True)
         tok = out.logits[:, -1:].argmax(-1)
         tokens.append(int(tok))
-    return (time.perf_counter() - t0) / n, tokens
+    return (clock() - t0) / n, tokens
 
 
-def generate_decode(model, ids: torch.Tensor, n: int, **kwargs) -> tuple[float, list[int]]:
-    """Seconds per decoded token of `model.generate` (n + 1 new tokens minus 1 new token), and its tokens."""
-    def timed(k: int) -> tuple[float, torch.Tensor]:
-        t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0,
-                             attention_mask=torch.ones_like(ids), **kwargs)
-        return time.perf_counter() - t0, out
+def generate_decode(model, ids: torch.Tensor, n: int, clock: Callable[[], float] = time.perf_counter,
+                    exact: bool = True, **kwargs) -> tuple[float, list[int]]:
+    """Seconds per decoded token of greedy `model.generate` (n + 1 new tokens minus 1 new token), and its
+    tokens. `exact` forces the count with min_new_tokens (what `offload-bench run` times), whose logits
+    processors run every step; without it generation may stop early at an end token, and the time is per
+    token actually decoded."""
+    def timed(k: int) -> tuple[float, list[int]]:
+        extra = {"min_new_tokens": k} if exact else {}
+        t0 = clock()
+        out = model.generate(ids, max_new_tokens=k, do_sample=False, pad_token_id=0,
+                             attention_mask=torch.ones_like(ids), **extra, **kwargs)
+        return clock() - t0, out[0, ids.shape[1]:].tolist()
 
     t1, _ = timed(1)
-    tn, out = timed(n + 1)
-    return (tn - t1) / n, out[0, ids.shape[1]:].tolist()
+    tn, tokens = timed(n + 1)
+    return (tn - t1) / max(len(tokens) - 1, 1), tokens
 
 
 def generate_overhead(model, ids: torch.Tensor, n: int = 32, rounds: int = 5,
                       variants: dict[str, dict] | None = None) -> dict:
-    """{name: {ms, over_manual_ms, same_tokens}}: per decoded token, a manual loop and `generate` with each of
-    `variants` (generate kwargs), alternating rounds, medians."""
+    """{name: {ms, over_manual_ms, same_tokens}}: per decoded token, a manual loop and `generate_decode` with
+    each of `variants` (its keyword arguments), alternating rounds, medians. `same_tokens`: the manual loop's
+    tokens, as far as that run went."""
+    variants = variants or {"generate()": {"exact": False}, "generate(min_new_tokens)": {}}
     runs: dict[str, Callable[[], tuple[float, list[int]]]] = {"manual loop": lambda: manual_decode(model, ids, n)}
-    for name, kw in (variants or {"generate()": {}}).items():
+    for name, kw in variants.items():
         runs[name] = lambda kw=kw: generate_decode(model, ids, n, **kw)
     tokens = {name: run()[1] for name, run in runs.items()}  # warm, and the tokens each produces
     samples: dict[str, list[float]] = {name: [] for name in runs}
@@ -194,7 +206,8 @@ def generate_overhead(model, ids: torch.Tensor, n: int = 32, rounds: int = 5,
     model.reset_stats()
     manual = statistics.median(samples["manual loop"])
     return {name: {"ms": 1e3 * statistics.median(s), "over_manual_ms": 1e3 * (statistics.median(s) - manual),
-                   "same_tokens": tokens[name] == tokens["manual loop"]} for name, s in samples.items()}
+                   "same_tokens": tokens[name] == tokens["manual loop"][:len(tokens[name])]}
+            for name, s in samples.items()}
 
 
 def decode_step_command(

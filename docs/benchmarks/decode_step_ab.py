@@ -2,9 +2,9 @@
 
 One worker process per checkout (PYTHONPATH = that checkout) loads the model once per format, every expert
 resident; the driver then asks them in turn, the order flipping every round, for one round of
-`offload.decode_bench.engine_overhead` (per MoE layer: run_layer, bare kernels) and of decode speed (a
-manual greedy loop and `generate()`). Only one worker runs at a time. Both workers time with this
-checkout's decode_bench, so the floor (bare kernels) is the same code in both.
+`offload.decode_bench.engine_overhead` (per MoE layer: run_layer, bare kernels; wall and thread CPU time)
+and of decode speed (a manual greedy loop, and `generate()` with and without min_new_tokens). Only one
+worker runs at a time. Both time with this checkout's decode_bench: the floor is the same code in both.
 
   python docs/benchmarks/decode_step_ab.py MODEL_DIR --base /tmp/base --new . --bits bf16,int4-g128 \\
       --store-dir /tmp/stores --rounds 9
@@ -18,6 +18,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[2] / "offload" / "decode_bench.py"
@@ -43,13 +44,17 @@ def worker(model_dir: str, formats: list[str], store_dir: str, passes: int, toke
     for line in sys.stdin:
         what, fmt = line.split()
         m = models[fmt]
-        if what == "layer":
-            r = db.engine_overhead(m, calls[fmt], rounds=1, passes=passes)
+        if what in ("layer", "layer-cpu"):
+            clock = time.thread_time if what == "layer-cpu" else time.perf_counter
+            r = db.engine_overhead(m, calls[fmt], rounds=1, passes=passes, clock=clock)
             res = {"engine_us": r["engine_us"], "floor_us": r["floor_us"], "bit_equal": r["bit_equal"]}
         else:
             manual, toks = db.manual_decode(m, ids, tokens)
+            manual_cpu, _ = db.manual_decode(m, ids, tokens, clock=time.thread_time)
             gen, gtoks = db.generate_decode(m, ids, tokens)
-            res = {"manual_s": manual, "generate_s": gen, "tokens": toks, "generate_tokens": gtoks}
+            plain, _ = db.generate_decode(m, ids, tokens, exact=False)
+            res = {"manual_s": manual, "manual_cpu_s": manual_cpu, "generate_s": gen, "generate_plain_s": plain,
+                   "tokens": toks, "generate_tokens": gtoks}
         print(json.dumps(res), flush=True)
 
 
@@ -83,7 +88,7 @@ def main() -> None:
     for r in range(a.rounds):
         order = ("before", "after") if r % 2 == 0 else ("after", "before")
         for fmt in formats:
-            for what in ("layer", "decode"):
+            for what in ("layer", "layer-cpu", "decode"):
                 for name in order:
                     samples.setdefault((fmt, what, name), []).append(ask(name, f"{what} {fmt}"))
         print(f"round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
@@ -93,14 +98,17 @@ def main() -> None:
     med = lambda rows, k: statistics.median(x[k] for x in rows)  # noqa: E731
     print(f"{a.model_dir}: medians of {a.rounds} alternating rounds")
     for fmt in formats:
-        lb, la = samples[(fmt, "layer", "before")], samples[(fmt, "layer", "after")]
-        ob = statistics.median(x["engine_us"] - x["floor_us"] for x in lb)
-        oa = statistics.median(x["engine_us"] - x["floor_us"] for x in la)
-        print(f"  {fmt}: per MoE layer run_layer {med(lb, 'engine_us'):.1f} -> {med(la, 'engine_us'):.1f} us, "
-              f"bare kernels {med(lb, 'floor_us'):.1f} / {med(la, 'floor_us'):.1f} us, engine overhead "
-              f"{ob:.1f} -> {oa:.1f} us; bit-equal to the floor: {all(x['bit_equal'] for x in lb + la)}")
+        for what, clock in (("layer", "wall"), ("layer-cpu", "thread CPU")):
+            lb, la = samples[(fmt, what, "before")], samples[(fmt, what, "after")]
+            ob = statistics.median(x["engine_us"] - x["floor_us"] for x in lb)
+            oa = statistics.median(x["engine_us"] - x["floor_us"] for x in la)
+            print(f"  {fmt}: per MoE layer ({clock} time) run_layer {med(lb, 'engine_us'):.1f} -> "
+                  f"{med(la, 'engine_us'):.1f} us, bare kernels {med(lb, 'floor_us'):.1f} / {med(la, 'floor_us'):.1f} "
+                  f"us, engine overhead {ob:.1f} -> {oa:.1f} us; bit-equal to the floor: "
+                  f"{all(x['bit_equal'] for x in lb + la)}")
         db, da = samples[(fmt, "decode", "before")], samples[(fmt, "decode", "after")]
-        for key, label in (("manual_s", "manual loop"), ("generate_s", "generate()")):
+        for key, label in (("manual_s", "manual loop"), ("manual_cpu_s", "manual loop, thread CPU time"),
+                           ("generate_s", "generate(min_new_tokens)"), ("generate_plain_s", "generate()")):
             ratios = [b[key] / x[key] for b, x in zip(db, da)]
             print(f"  {fmt}: {label} {1 / med(db, key):.2f} -> {1 / med(da, key):.2f} tok/s, after/before "
                   f"{statistics.median(ratios):.3f}x (paired rounds, min {min(ratios):.3f}, max {max(ratios):.3f})")
