@@ -25,6 +25,14 @@ from torch import nn
 DEMO_MODEL = Path(__file__).parent / "demo_model"
 
 
+# generate() greedy as users call it; as `offload-bench run` times it (min_new_tokens: exactly n tokens); with a
+# static KV cache, which transformers offers to cut per-token work. No repetition penalty (the demo's generation
+# config has one), so that each can decode the manual loop's tokens.
+_GREEDY = {"exact": False, "repetition_penalty": 1.0}
+GENERATE_VARIANTS = {"generate()": _GREEDY, "generate(min_new_tokens)": {**_GREEDY, "exact": True},
+                     "generate(static cache)": {**_GREEDY, "cache_implementation": "static"}}
+
+
 @dataclass
 class LayerCall:
     """One MoE layer's inputs at one decode token, as the offloaded experts module hands them to the engine."""
@@ -33,6 +41,12 @@ class LayerCall:
     hidden: torch.Tensor
     top_k_index: torch.Tensor
     top_k_weights: torch.Tensor
+
+
+def prompt_ids(model, n: int = 16) -> torch.Tensor:
+    """A fixed random prompt [1, n] within the model's vocabulary."""
+    vocab = model.model.config.get_text_config().vocab_size
+    return torch.randint(3, min(500, vocab), (1, n), generator=torch.Generator().manual_seed(0))
 
 
 @torch.inference_mode()
@@ -85,16 +99,18 @@ def floor(model, call: LayerCall) -> Callable[[], torch.Tensor]:
         raise ValueError(f"the CPU quantized kernels take bf16 activations; load the model in bf16, not {x.dtype}")
     transposed = getattr(module, "is_transposed", False)
     bias = getattr(module, "has_bias", False)
-    ids, weights = call.top_k_index.tolist()[0], call.top_k_weights.tolist()[0]
+    ids = call.top_k_index.tolist()[0]
     experts = []
-    for e, weight in sorted(zip(ids, weights)):
+    for e, p in sorted(zip(ids, range(len(ids)))):
+        weight = call.top_k_weights[:, p:p + 1]  # [1, 1], as eager indexes it
         key = (module.layer_idx, e)
         slot = engine.cache.slot(key)
         if slot is None:
             raise ValueError(f"expert {key} is not resident; decode-step needs every expert resident")
         w, _ = engine._views(key, slot)
-        experts.append((_bare_linear(w, "gate_up", transposed, quantized), _bare_linear(w, "down", transposed, quantized),
-                        w.get("gate_up_bias"), w.get("down_bias"), weight))
+        experts.append((_bare_linear(w, "gate_up", transposed, quantized),
+                        _bare_linear(w, "down", transposed, quantized), w.get("gate_up_bias"), w.get("down_bias"),
+                        weight))
     gate = module._apply_gate
 
     def run() -> torch.Tensor:
@@ -106,7 +122,8 @@ def floor(model, call: LayerCall) -> Callable[[], torch.Tensor]:
             y = down(gate(y))
             if bias:
                 y = y + b2
-            final.add_(y * weight)
+            y = y * weight
+            final.add_(y if y.dtype == final.dtype else y.to(final.dtype))
         return final
 
     return run
@@ -194,7 +211,7 @@ def generate_overhead(model, ids: torch.Tensor, n: int = 32, rounds: int = 5,
     """{name: {ms, over_manual_ms, same_tokens}}: per decoded token, a manual loop and `generate_decode` with
     each of `variants` (its keyword arguments), alternating rounds, medians. `same_tokens`: the manual loop's
     tokens, as far as that run went."""
-    variants = variants or {"generate()": {"exact": False}, "generate(min_new_tokens)": {}}
+    variants = variants or {"generate()": {"exact": False}}
     runs: dict[str, Callable[[], tuple[float, list[int]]]] = {"manual loop": lambda: manual_decode(model, ids, n)}
     for name, kw in variants.items():
         runs[name] = lambda kw=kw: generate_decode(model, ids, n, **kw)
@@ -220,6 +237,8 @@ def decode_step_command(
     passes: int = typer.Option(40, min=1, help="passes over all MoE layers per round"),
     tokens: int = typer.Option(32, min=1, help="decoded tokens per generate() round"),
     threads: int = typer.Option(1, min=1, help="torch CPU threads"),
+    cpu_time: bool = typer.Option(False, help="time the layers in this thread's CPU time, not wall time (a shared "
+                                              "machine's waits for a core stay out; needs --threads 1)"),
 ) -> None:
     """Engine overhead per MoE layer at one decode token (run_layer minus its bare kernels), and what generate()
     adds per token over a manual loop; every expert resident."""
@@ -229,13 +248,18 @@ def decode_step_command(
     from offload.model import OffloadedModel
 
     def go():
+        if cpu_time and threads != 1:
+            raise ValueError("--cpu-time counts this thread only: the kernels' other threads would be left out; "
+                             "use --threads 1")
         torch.set_num_threads(threads)
         path = model_dir or DEMO_MODEL
+        clock = time.thread_time if cpu_time else time.perf_counter
         formats = [b.strip() for b in bits.split(",") if b.strip()]
         with tempfile.TemporaryDirectory(prefix="decode-step-") as tmp:
             root = store_dir or Path(tmp)
             t = Table(title=f"engine overhead per MoE layer at one decode token: {path.name}, every expert "
-                            f"resident, {threads} thread(s), median of {rounds} rounds")
+                            f"resident, {threads} thread(s), {'CPU' if cpu_time else 'wall'} time, median of "
+                            f"{rounds} rounds")
             for col in ("experts", "run_layer µs", "bare kernels µs", "engine overhead µs", "bit-equal"):
                 t.add_column(col, justify="left" if col == "experts" else "right")
             gen = None
@@ -243,12 +267,12 @@ def decode_step_command(
                 dense = fmt in ("bf16", "16", "dense")
                 opts = {} if dense else {"bits": fmt, "store": "disk", "store_dir": str(root / fmt)}
                 with OffloadedModel.from_pretrained(path, cache_experts=1 << 30, **opts) as model:
-                    ids = torch.randint(3, 500, (1, 16), generator=torch.Generator().manual_seed(0))
-                    r = engine_overhead(model, capture(model, ids), rounds, passes)
+                    ids = prompt_ids(model)
+                    r = engine_overhead(model, capture(model, ids), rounds, passes, clock)
                     t.add_row(fmt, f"{r['engine_us']:.1f}", f"{r['floor_us']:.1f}", f"{r['overhead_us']:.1f}",
                               "yes" if r["bit_equal"] else "[red]no[/]")
                     if gen is None:
-                        gen = generate_overhead(model, ids, tokens, max(3, rounds // 3))
+                        gen = generate_overhead(model, ids, tokens, max(3, rounds // 3), GENERATE_VARIANTS)
             out.print(t)
             g = Table(title=f"per decoded token ({formats[0]} experts, {tokens} tokens, medians)")
             for col in ("loop", "ms/token", "over the manual loop", "same tokens"):
