@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import typer
 
-from offload.bench import formats, peers, policies, predictors, prefetch, project, run, trace
+from offload.bench import decode_step, formats, peers, policies, predictors, prefetch, project, run, trace
 from offload.cli.common import HELP_OPTIONS, run_app, version_option
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings=HELP_OPTIONS,
                   help="Benchmarks: routing traces, cache-policy replay, 24 GB-card projections, real decode runs.")
-for _module in (trace, policies, project, run, formats, predictors, prefetch, peers):
+for _module in (trace, policies, project, run, formats, predictors, prefetch, peers, decode_step):
     _module.register(app)
 
 

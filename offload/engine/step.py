@@ -51,11 +51,17 @@ class Engine:
         self._last_use: dict = {}             # key -> the step it was last used in
 
     # --- one layer -------------------------------------------------------------------------------
-    @torch.no_grad()
     def run_layer(self, module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor | None,
                   top_k_weights: torch.Tensor | None) -> torch.Tensor:
+        if torch.is_grad_enabled():  # a plain forward outside inference mode: experts are never trained
+            with torch.no_grad():
+                return self.run_layer(module, hidden, top_k_index, top_k_weights)
         if top_k_index is None:  # Llama-4 hands every token to every expert, pre-scaled by its score
             return self._run_replicated(module, hidden)
+        if hidden.shape[0] == 1:
+            out = self._run_token(module, hidden, top_k_index, top_k_weights)
+            if out is not None:
+                return out
         layer = module.layer_idx
         E = self.num_experts
         self._count_tokens(layer, hidden.shape[0])
@@ -63,12 +69,38 @@ class Engine:
         mask = torch.nn.functional.one_hot(top_k_index, num_classes=E + 1).permute(2, 1, 0)  # [E+1, k, T]
         uses = mask.sum(dim=(-1, -2))                                                     # [E+1]
         experts = [e for e in torch.greater(uses, 0).nonzero()[:, 0].tolist() if e < E]    # ascending, as eager
+
+        def select(i: int, e: int):
+            top_k_pos, token_idx = torch.where(mask[e])
+            return int(uses[e]), float(top_k_weights[token_idx, top_k_pos].float().sum()), (top_k_pos, token_idx)
+
         observe = lambda: self._observe(layer, hidden, top_k_index, top_k_weights)  # noqa: E731
-        for w, linear, (top_k_pos, token_idx) in self._each_expert(layer, experts, uses, top_k_weights, mask,
-                                                                    observe):
+        for w, linear, (top_k_pos, token_idx) in self._each_expert(layer, experts, select, observe):
             y = expert_ffn(module, w, hidden[token_idx], linear)
             y = y * top_k_weights[token_idx, top_k_pos, None]
             final.index_add_(0, token_idx, y.to(final.dtype))
+        return final
+
+    def _run_token(self, module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                   top_k_weights: torch.Tensor) -> torch.Tensor | None:
+        """One token (a decode step) with the eager numerics and a fraction of its small ops: the routing is
+        read to the host once, each chosen expert (ascending ids) is scaled by its weight (a one-element view:
+        the dtype promotion of eager's [1, 1] index) and added into zeros (index_add_ on one row). None where
+        only the general path is exact: an expert chosen twice, or the no-expert id E."""
+        ids = top_k_index.tolist()[0]
+        if len(set(ids)) < len(ids) or max(ids) >= self.num_experts:
+            return None
+        layer = module.layer_idx
+        self._count_tokens(layer, 1)
+        weights = top_k_weights.tolist()[0]  # the cache policies' routing weights
+        columns = top_k_weights.unbind(1)    # [1] each, one op for all k
+        picks = sorted(range(len(ids)), key=ids.__getitem__)  # top-k positions by ascending expert id
+        final = torch.zeros_like(hidden)
+        observe = lambda: self._observe(layer, hidden, top_k_index, top_k_weights)  # noqa: E731
+        select = lambda i, e: (1, weights[picks[i]], columns[picks[i]])  # noqa: E731
+        for w, linear, weight in self._each_expert(layer, [ids[p] for p in picks], select, observe):
+            y = expert_ffn(module, w, hidden, linear) * weight
+            final.add_(y if y.dtype == final.dtype else y.to(final.dtype))
         return final
 
     def _run_replicated(self, module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -82,7 +114,7 @@ class Engine:
         experts = active.any(-1).nonzero()[:, 0].tolist()
         index = active.T.float().topk(self.top_k, dim=-1).indices      # [T, k]: the router's choice
         observe = lambda: self._observe(layer, None, index, None)  # noqa: E731
-        for w, linear, i in self._each_expert(layer, experts, uses, None, None, observe):
+        for w, linear, i in self._each_expert(layer, experts, lambda i, e: (int(uses[e]), 0.0, i), observe):
             e = experts[i]
             out[e] = expert_ffn(module, w, x[e], linear)
         return out.view(-1, hidden.shape[-1])
@@ -91,41 +123,42 @@ class Engine:
         if layer == self.moe_layers[0]:  # every token passes the first MoE layer once
             self.stats.tokens += tokens
 
-    def _each_expert(self, layer, experts, uses, top_k_weights, mask, observe):
-        """Yield (slot views, linear, token selection) per expert, with this layer's keys pinned while they
-        compute. `observe` (predict + submit prefetches) runs once they are pinned, so a prefetch can never
-        evict an expert this layer is about to use."""
+    def _each_expert(self, layer: int, experts: list[int], select, observe):
+        """Yield (slot views, linear, token selection) per expert, `select(i, expert)` giving (uses, routing
+        weight, token selection), with this layer's keys pinned while they compute. `observe` (predict + submit
+        prefetches) runs once they are pinned, so a prefetch can never evict an expert this layer is about to
+        use. Without a predictor and with every key resident nothing can be inserted, so nothing is pinned."""
         keys = [(layer, e) for e in experts]
+        cache = self.cache
         if self.predictor is not None:  # only prefetch asks what was used recently
             self._step += 1
             for k in keys:
                 self._last_use[k] = self._step
-        pin_all = len(keys) <= self.cache.capacity - self.prefetcher.in_flight()
+            pins = True
+        else:
+            pins = not all(k in cache for k in keys)
+        pin_all = pins and len(keys) <= cache.capacity - self.prefetcher.in_flight()
+        pin_each = pins and not pin_all
         if pin_all:
             for k in keys:
-                self.cache.pin(k)
+                cache.pin(k)
         try:
             observe()
-            for i, (key, e) in enumerate(zip(keys, experts)):
-                if mask is not None:
-                    top_k_pos, token_idx = torch.where(mask[e])
-                    weight = float(top_k_weights[token_idx, top_k_pos].float().sum())
-                    sel = (top_k_pos, token_idx)
-                else:
-                    weight, sel = 0.0, i
-                slot = self.prefetcher.fetch(key, int(uses[e]), weight)
-                if not pin_all:
-                    self.cache.pin(key)
+            for i, key in enumerate(keys):
+                uses, weight, sel = select(i, key[1])
+                slot = self.prefetcher.fetch(key, uses, weight)
+                if pin_each:
+                    cache.pin(key)
                 try:
                     yield (*self._views(key, slot), sel)
                     self.prefetcher.used(slot)  # its compute is queued (a GPU may not have run it yet)
                 finally:
-                    if not pin_all:
-                        self.cache.unpin(key)
+                    if pin_each:
+                        cache.unpin(key)
         finally:
             if pin_all:
                 for k in keys:
-                    self.cache.unpin(k)
+                    cache.unpin(k)
 
     def _views(self, key, slot: int):
         """(slot tensors, linear) for `key`: dense views and plain matmuls, or a quantized kind's."""

@@ -198,8 +198,11 @@ def to_compute(parts: dict[str, torch.Tensor], fmt: QFormat, shape, device: torc
 
 def qlinear(x: torch.Tensor, resident: dict[str, torch.Tensor], fmt: QFormat, shape) -> torch.Tensor:
     """y = x @ W.T for x [..., K] -> [..., N] in x.dtype. CPU kernels take bf16 activations (fp32 is 10-50x slower)."""
-    N, K = (int(d) for d in shape)
-    y = fmt.kind_object.linear(x.reshape(-1, K), resident, N, K)
+    N, K = int(shape[0]), int(shape[1])
+    flat = x.dim() == 2  # a decode step's [1, K]: no reshape, and no conversions that would be no-ops (they cost)
+    y = fmt.kind_object.linear(x if flat else x.reshape(-1, K), resident, N, K)
+    if flat and y.dtype == x.dtype:
+        return y
     return y.to(x.dtype).view(*x.shape[:-1], N)
 
 

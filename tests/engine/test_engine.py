@@ -278,3 +278,34 @@ def test_prefetch_never_evicts_recent_experts_or_those_of_paused_layers(tiny_dir
     e._precision[second] = 0.4  # below prefetch_min_precision: paused
     assert e._protected(old) and e._protected((second, 5))
     m.close()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_token_path_is_bit_identical_to_the_general_path(arch, tiny_dir):
+    """Decode steps (one token) take Engine._run_token; forced through the general path instead, every logit
+    is bit-identical and the cache sees the same hits, misses, evictions and bytes, at a small capacity (misses,
+    evictions) and with every expert resident."""
+    path = tiny_dir(arch)
+    ids = prompt(8)
+    total = OffloadedModel.from_pretrained(path).stats()["total_experts"]
+    for cap in (total // 4, total):
+        runs = []
+        for general in (False, True):
+            m = OffloadedModel.from_pretrained(path, cache_experts=cap)
+            token_path = m.engine._run_token
+            taken = []
+            m.engine._run_token = (lambda *a: None) if general else (lambda *a: taken.append(token_path(*a))
+                                                                    or taken[-1])
+            out = m(ids, use_cache=True)
+            logits = [out.logits]
+            for _ in range(12):
+                out = m(out.logits[:, -1:].argmax(-1), cache=out.cache, use_cache=True)
+                logits.append(out.logits)
+            s = m.stats()
+            runs.append((logits, {k: s[k] for k in ("hits", "misses", "evictions", "bytes_loaded", "tokens")}))
+            if not general and arch != "llama4_text":  # Llama-4 hands every token to every expert: its own path
+                assert len(taken) == 12 * len(m.engine.moe_layers) and all(t is not None for t in taken)
+            m.close()
+        (fast, s_fast), (slow, s_slow) = runs
+        assert all(torch.equal(a, b) for a, b in zip(fast, slow)), f"{arch} capacity {cap}: logits differ"
+        assert s_fast == s_slow, f"{arch} capacity {cap}: accounting differs"
