@@ -3,6 +3,9 @@
 route (already done by transformers) -> predict the next layers' experts and submit prefetches ->
 fetch this layer's experts (demand-load on a miss; this layer's keys are pinned) -> expert FFN from slot
 views -> weighted combine with eager numerics (per-expert matmul, index_add_ in the model dtype).
+A decode step (one token) takes `_run_token`, the same ops without the general path's index bookkeeping.
+
+Legend: T tokens, H hidden size, k experts per token (top-k), E routed experts per layer.
 """
 from __future__ import annotations
 
@@ -44,9 +47,8 @@ class Engine:
         # A prefetch may only displace experts not used during the last pass over the layers (one decode
         # token). A guess is right ~60-80% of the time, and a recently used expert is reused often enough
         # that evicting it for a guess moves more bytes than it saves; where every slot holds a recent
-        # expert (capacity ~ one token's experts) prefetching stops by itself. Measured on the random
-        # 0.8B Mixtral, disk tier, 16 of 64 slots: without this rule gate prefetch read 2.2x the bytes per
-        # token and ran at 0.71x of no prefetch. See `_protected`.
+        # expert (capacity ~ one token's experts) prefetching stops by itself. See `_protected` and
+        # docs/benchmarks/prefetch.md.
         self._step = 0                        # MoE layer calls so far
         self._last_use: dict = {}             # key -> the step it was last used in
 
@@ -220,8 +222,7 @@ class Engine:
     def _protected(self, key) -> bool:
         """Whether a prefetch must not evict `key`: used during the last pass over the layers, or of a layer
         whose prefetching is paused. Such a layer's experts are missed unless they stay cached, so guesses for
-        other layers must not push them out (demo, 25%, gate d=0: hit rate 70.3% -> 72.2%, stall 1.39 -> 1.12
-        and 1.08 -> 0.91 ms/token in two runs of 9 paired rounds, one-off script)."""
+        other layers must not push them out."""
         return self._step - self._last_use.get(key, -1 << 60) < len(self.moe_layers) or self._paused(key[0])
 
     def _score(self, layer: int, top_k_index: torch.Tensor) -> None:
