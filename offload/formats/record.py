@@ -169,11 +169,16 @@ class RecordCodec:
         kind = self.kind(fmts)
         out = {}
         for m, f in zip(MATRICES, fmts):
-            for part, t in quantize(mats[m], f).items():
+            for part, t in self.quantize_matrix(key, m, mats[m], f).items():
                 out[f"{m}.{part}"] = t
         for b in self.biases:
             out[b.name] = tensors[b.name]
         return kind.name, kind.storage, out
+
+    def quantize_matrix(self, key: tuple[int, int], matrix: str, w: torch.Tensor, fmt: QFormat) -> dict:
+        """One matrix of expert `key` in its storage form: from the weights alone here (calibrated codecs
+        override it)."""
+        return quantize(w, fmt)
 
     # --- engine side -----------------------------------------------------------------------------
     def transform(self, kind_name: str, record: torch.Tensor, slot: torch.Tensor) -> None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from offload.errors import OffloadError
 from offload.formats.gptq import gptq, supports
-from offload.formats.quant import quantize, resolve_format
+from offload.formats.quant import quantize
 from offload.formats.record import MATRICES, RecordCodec
 from offload.store.source import CheckpointSource
 
@@ -62,21 +62,9 @@ class CalibratedCodec(RecordCodec):
         return {"calibration": {"tokens_per_expert_min": min(tokens), "tokens_per_expert_max": max(tokens),
                                 "weight_only": [list(k) for k in keys if not self.calibrated(k)]}}
 
-    def encode(self, key, tensors):
-        if not self.calibrated(key):
-            return super().encode(key, tensors)
-        fmt = self.rule(*key)
-        mats = {m: (tensors[m].T if self.transposed else tensors[m]).float() for m in MATRICES}
-        fmts = tuple(resolve_format(fmt, mats[m]) for m in MATRICES)
-        kind = self.kind(fmts)
-        out = {}
-        for m, f in zip(MATRICES, fmts):
-            parts = gptq(mats[m], self.stats[key][m], f) if supports(f) else None
-            for part, t in (parts or quantize(mats[m], f)).items():  # no Cholesky factor: weights alone
-                out[f"{m}.{part}"] = t
-        for b in self.biases:
-            out[b.name] = tensors[b.name]
-        return kind.name, kind.storage, out
+    def quantize_matrix(self, key, matrix, w, fmt):
+        parts = gptq(w, self.stats[key][matrix], fmt) if self.calibrated(key) and supports(fmt) else None
+        return parts or quantize(w, fmt)  # too few tokens, or no Cholesky factor: weights alone
 
 
 def calibrated_codec(codec: RecordCodec, source: CheckpointSource, text: str | Path, store_dir: Path,

@@ -77,7 +77,7 @@ def test_another_calibration_text_refuses_the_store(tiny_dir, tmp_path, text):
     build_store(model_dir, tmp_path / "c", bits=FMT, progress=False, calibration=str(text))
     other = tmp_path / "other.txt"
     other.write_text(words(600, seed=2))
-    with pytest.raises(OffloadError, match="made with settings"):
+    with pytest.raises(OffloadError, match="was made with dtype"):
         build_store(model_dir, tmp_path / "c", bits=FMT, progress=False, calibration=str(other))
 
 
