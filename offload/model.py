@@ -27,7 +27,6 @@ from offload.engine.experts import offloaded_class
 from offload.engine.hooks import hook_attention_outputs, hook_layer_entries
 from offload.plan import MemoryPlan, make_plan
 from offload.engine.slots import SlotPool
-from offload.store.hub_formats import Dense
 from offload.store.source import CheckpointSource, open_checkpoint
 from offload.engine.tracer import Tracer
 
@@ -52,6 +51,9 @@ class OffloadedModel:
         memory plan before anything big is loaded (the CLI prints it)."""
         cfg = config or OffloadConfig.from_options(**options)
         hf_config, arch, source, top_k = open_checkpoint(model_dir, cfg.dtype)
+        if cfg.dense_bits is not None and source.format.name != "dense":
+            raise OffloadError("dense_bits with a packed (FP8/MXFP4) checkpoint is not supported yet; drop "
+                               "dense_bits (--dense-bits)")
         model_dir, num_experts = source.model_dir, source.num_experts
         codec = codec_for(cfg, source, arch)
         slot_bytes = source.layout.nbytes if codec is None else codec.slot_bytes  # dense or quantized compute form
@@ -64,9 +66,6 @@ class OffloadedModel:
         if cfg.dense_bits is not None:
             from offload.formats.dense_linears import DenseLoader
 
-            if not isinstance(source.format, Dense):
-                raise OffloadError("dense_bits with a packed (FP8/MXFP4) checkpoint is not supported yet; drop "
-                                   "dense_bits (--dense-bits)")
             dense = DenseLoader(cfg.dense_bits, cfg.dtype, Path(cfg.store_dir) if cfg.store == "disk" else None,
                                 source.non_expert_fingerprint(), source.files, source.tensor_names())
         model = _load_model(model_dir, hf_config, arch, cfg, source, dense)

@@ -191,6 +191,13 @@ def _edit_config(src, dst, **changes):
     return dst
 
 
+@pytest.mark.parametrize("fmt", ["mxfp4", "fp8"])
+def test_dense_bits_on_a_packed_checkpoint_is_refused_before_anything_is_converted(hub, fmt, tmp_path):
+    with pytest.raises(OffloadError, match=r"dense_bits with a packed .* not supported yet; drop dense_bits"):
+        OffloadedModel.from_pretrained(hub[fmt][0], store="disk", store_dir=tmp_path / "s", dense_bits=8)
+    assert not (tmp_path / "s").exists()
+
+
 def test_unknown_or_missing_quantization_is_refused_with_the_fix(hub, tmp_path):
     packed, _ = hub["mxfp4"]
     awq = _edit_config(packed, tmp_path / "awq", quantization_config={"quant_method": "awq", "bits": 4})
