@@ -51,6 +51,7 @@ class _Sampling(_Body):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     return_token_ids: bool = False  # vLLM's extension: the prompt's and the answer's token ids in the reply
+    ignore_eos: bool = False  # vLLM's extension: keep decoding past the end-of-sequence token
 
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())

@@ -20,6 +20,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None    # None: a fresh random seed per request
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False   # vLLM's extension: decode max_tokens whatever the model says (benchmarks)
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,8 @@ class Server:
         default = room if isinstance(req, ChatRequest) else min(COMPLETION_MAX_TOKENS, room)
         return SamplingParams(max_tokens=asked or default,
                               temperature=1.0 if req.temperature is None else req.temperature,
-                              top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=req.stops())
+                              top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=req.stops(),
+                              ignore_eos=req.ignore_eos)
 
     def sequence(self, prompt: list[int], params: SamplingParams, emit: Callable[[Event], None]) -> Sequence:
-        return Sequence(prompt, params, self._decoder, self._eos, emit)
+        return Sequence(prompt, params, self._decoder, frozenset() if params.ignore_eos else self._eos, emit)

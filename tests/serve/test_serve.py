@@ -275,7 +275,7 @@ def test_metrics_count_the_requests(main, client, reference):
 
 def test_client_disconnect_cancels_generation(main):
     before = scrape(main)
-    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 800, "stream": True}
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 800, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", main + "/v1/completions", headers=AUTH, json=body) as r:
         lines = r.iter_lines()
         got = [line for line, _ in zip(filter(None, lines), range(3))]
@@ -363,3 +363,16 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path):
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
     taken.close()
+
+
+
+def test_ignore_eos_decodes_past_the_end_of_sequence_token(reference):
+    from offload.serve.sequence import Sequence, SamplingParams
+
+    eos = reference.tokenizer.eos_token_id
+    for ignore, want in ((False, "stop"), (True, None)):
+        events = []
+        seq = Sequence([eos], SamplingParams(max_tokens=8, ignore_eos=ignore), reference.tokenizer,
+                       frozenset() if ignore else frozenset({eos}), events.append)
+        seq.push(eos)
+        assert seq.done == (want is not None) and (events[-1].finish_reason if events else None) == want
