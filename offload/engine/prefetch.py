@@ -249,13 +249,18 @@ class Prefetcher:
             return torch.empty(nbytes, dtype=torch.uint8)
 
     def _load_cuda(self, key: Key, slot: int) -> tuple[torch.cuda.Event, int]:
-        with self._staging_lock:
-            i = self._next_staging
-            self._next_staging = (i + 1) % len(self._staging)
-            if self._staging_events[i] is not None:
-                self._staging_events[i].synchronize()  # the previous copy out of this buffer is done
-        staging = self._staging[i]
-        n = self.store.read_into(key, staging)
+        i = None
+        if hasattr(self.store, "record"):  # a pinned RAM tier: copy straight out of its record
+            staging = self.store.record(key)
+            n = staging.numel()
+        else:
+            with self._staging_lock:
+                i = self._next_staging
+                self._next_staging = (i + 1) % len(self._staging)
+                if self._staging_events[i] is not None:
+                    self._staging_events[i].synchronize()  # the previous copy out of this buffer is done
+            staging = self._staging[i]
+            n = self.store.read_into(key, staging)
         with torch.cuda.stream(self._copy_stream):
             self._copy_stream.wait_event(self._slot_free[slot])  # the slot's previous expert is computed
             dst = self.slots.raw(slot)
@@ -265,5 +270,6 @@ class Prefetcher:
                 self.transform(key, staging, dst)
             event = torch.cuda.Event()
             event.record(self._copy_stream)
-        self._staging_events[i] = event
+        if i is not None:
+            self._staging_events[i] = event
         return event, n
