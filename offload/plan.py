@@ -90,18 +90,41 @@ class MemoryPlan:
 
 
 def ram_available() -> int:
-    """RAM this process may still use: the system's available memory, or less under a cgroup (v2) limit,
-    which psutil does not see (a container or `systemd-run -p MemoryMax=`)."""
+    """RAM this process may still use: the system's available memory, or less under a memory cgroup limit (a
+    container, `systemd-run -p MemoryMax=`), which psutil does not see."""
     free = psutil.virtual_memory().available
-    try:
-        path = open("/proc/self/cgroup").read().strip().split("\n")[0].split("::", 1)[1]
-        base = f"/sys/fs/cgroup{path.rstrip('/')}"
-        limit = open(f"{base}/memory.max").read().strip()
-        if limit != "max":
-            free = min(free, int(limit) - int(open(f"{base}/memory.current").read()))
-    except (OSError, IndexError, ValueError):
-        pass
+    for limit, anon in cgroup_limits():
+        free = min(free, limit - anon)
     return max(0, free)
+
+
+def cgroup_limits() -> list[tuple[int, int]]:
+    """(limit, anonymous bytes in use) of every memory cgroup this process is in, its ancestors included (v1 and
+    v2). Page cache is left out of the use: the kernel reclaims it before it enforces the limit."""
+    out = []
+    try:
+        lines = open("/proc/self/cgroup").read().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        _id, controllers, path = line.split(":", 2)
+        v2 = controllers == ""
+        if not v2 and "memory" not in controllers.split(","):
+            continue
+        roots = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] if v2 else ["/sys/fs/cgroup/memory"]
+        limit_file, anon_key = ("memory.max", "anon") if v2 else ("memory.limit_in_bytes", "total_rss")
+        for root in roots:
+            parts = [p for p in path.split("/") if p]
+            for depth in range(len(parts), -1, -1):
+                base = "/".join([root, *parts[:depth]])
+                try:
+                    raw = open(f"{base}/{limit_file}").read().strip()
+                    stat = dict(line.split() for line in open(f"{base}/memory.stat").read().splitlines())
+                except (OSError, ValueError):
+                    continue
+                if raw != "max" and int(raw) < 1 << 60:  # v1 writes "no limit" as a huge number
+                    out.append((int(raw), int(stat.get(anon_key, stat.get("rss", 0)))))
+    return out
 
 
 def kv_bytes_per_token(hf_config, dtype: torch.dtype) -> int:
@@ -140,12 +163,11 @@ def make_plan(cfg: OffloadConfig, hf_config, source: CheckpointSource, expert_by
     capacity = cache_slots(cfg.cache_experts, cfg.cache_memory, total, expert_bytes)
     cpu = cfg.device == "cpu"
     ram_memory = cfg.ram_memory if cfg.ram_memory is not None or cpu or cfg.store != "disk" else "auto"
-    in_place = cpu and ram_memory is not None and cfg.miss != "copy"
+    # a CPU's slots are RAM: one pool, the RAM tier, computed in place (unless copies into a second are asked for)
+    in_place = cpu and cfg.store == "disk" and not (cfg.ram_memory is not None and cfg.miss == "copy")
     ram_capacity = 0
-    if in_place:  # one pool: the RAM tier is where experts compute, sized by ram_memory
-        ram_capacity = ram_slots(ram_memory, total, expert_bytes, budget, top_k)
-        capacity = max(capacity or 0, ram_capacity)
-        ram_capacity = capacity
+    if in_place and ram_memory is not None:
+        capacity = max(capacity or 0, ram_slots(ram_memory, total, expert_bytes, budget, top_k))
     if capacity is None:
         capacity = max(0, min(total, budget // expert_bytes))
         if capacity < top_k:
@@ -168,7 +190,9 @@ def make_plan(cfg: OffloadConfig, hf_config, source: CheckpointSource, expert_by
                            f"({format_bytes(non_expert)}), the KV cache at {context} tokens ({format_bytes(kv)}) "
                            f"and headroom; " + (f"lower it to at most {fits} experts" if fits >= top_k else
                                                 "free memory or lower context=N"))
-    if ram_memory is not None and not in_place:
+    if in_place:
+        ram_capacity = min(capacity, total)
+    elif ram_memory is not None:
         ram_budget = (budget - resident) if cpu else (ram_available() - _headroom(ram_available()))
         ram_capacity = ram_slots(ram_memory, total, host_bytes or expert_bytes, ram_budget, top_k)
     return MemoryPlan(device=cfg.device, device_free=free, ram_total=vm.total, ram_available=vm.available,
