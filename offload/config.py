@@ -97,6 +97,8 @@ class OffloadConfig:
                                         # 64GiB, "50%" of all records, or "auto" (free RAM minus headroom)
     miss: str = "auto"                  # a device miss whose record is in RAM: copy it into a device slot, compute
                                         # it on the CPU from RAM, or auto (the cost model measured at load)
+    hot_trace: str | None = None        # a routing trace (.npz): its most used experts stay pinned in half the
+                                        # device slots (a static hot set), the rest is a dynamic cache
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
@@ -151,6 +153,12 @@ class OffloadConfig:
         if self.miss == "cpu" and self.ram_memory is None:
             raise OffloadError("miss='cpu' computes experts from their RAM-tier records; give ram_memory=SIZE "
                                "(or 'auto'), or drop miss")
+        if self.hot_trace is not None:
+            from pathlib import Path
+
+            if not Path(self.hot_trace).is_file():
+                raise OffloadError(f"routing trace {self.hot_trace} not found; record one with offload-bench trace "
+                                   f"(--hot-trace FILE)")
         if self.context is not None and self.context < 1:
             raise OffloadError(f"context must be a positive number of tokens, got context={self.context}")
         if not 0 <= self.lookahead <= 8:

@@ -111,6 +111,15 @@ class OffloadedModel:
                         prefetch_width=cfg.prefetch_width, codec=codec, tracer=tracer,
                         min_precision=cfg.prefetch_min_precision, worker=worker, ram=ram, miss=miss,
                         host_codec=host_codec, tier="ram" if plan.in_place else "device")
+        if cfg.hot_trace is not None:
+            from offload.engine.hot_set import hot_keys
+
+            engine.pin_hot(hot_keys(cfg.hot_trace, moe_layers, num_experts, capacity, top_k))
+            engine.stats.reset()
+            cache.stats.hits = cache.stats.misses = cache.stats.evictions = 0
+            if ram is not None:
+                ram.stats.reset()
+                ram.cache.stats.hits = ram.cache.stats.misses = ram.cache.stats.evictions = 0
         hooks = []
         if engine.entry:
             hooks = (hook_layer_entries(model, moe_layers, engine.enter)
@@ -167,11 +176,14 @@ class OffloadedModel:
     def reset_cache(self) -> None:
         """Empty the expert cache and restart its policy and predictor: the next run starts cold."""
         e = self.engine
+        for key in e.hot:
+            e.cache.unpin(key)
         for tier in (e, e.ram) if e.ram is not None else (e,):
             tier.prefetcher.drain()
             for key in tier.cache.keys():
                 tier.cache.remove(key)
             tier.cache.policy = make_cache_policy(self.config.policy, tier.cache.capacity, e.moe_layers, e.top_k)
+        e.pin_hot(e.hot)  # the static hot set outlives a reset: it is placement, not cache state
         e.reset_prediction()
         if e.tracer is not None:
             e.tracer.reset()

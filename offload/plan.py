@@ -43,6 +43,7 @@ class MemoryPlan:
     ram_record_bytes: int = 0  # one record as the RAM tier holds it
     miss: str = "copy"        # what a device miss served from RAM does (offload.engine.miss)
     in_place: bool = False    # CPU: the resident slots are the RAM tier, computed in place
+    hot_trace: str | None = None  # the routing trace whose most used experts are pinned in half the slots
 
     @property
     def resident_bytes(self) -> int:
@@ -80,12 +81,13 @@ class MemoryPlan:
         size = format_bytes
         disk = f"disk {self.total_experts} records ({size(self.store_bytes)})" if self.store == "disk" else \
             f"checkpoint {self.total_experts} experts (page cache)"
+        hot = f" (half pinned: the hot set of {self.hot_trace})" if self.hot_trace else ""
         if self.in_place:
             return (f"device = RAM tier (CPU, computed in place): {self.capacity} experts "
-                    f"({size(self.resident_bytes)}) | {disk}")
+                    f"({size(self.resident_bytes)}){hot} | {disk}")
         if not self.ram_capacity:
-            return f"device {self.capacity} slots | RAM tier none | {disk}"
-        return (f"device {self.capacity} slots | RAM {self.ram_capacity} records "
+            return f"device {self.capacity} slots{hot} | RAM tier none | {disk}"
+        return (f"device {self.capacity} slots{hot} | RAM {self.ram_capacity} records "
                 f"({size(self.ram_capacity * self.ram_record_bytes)}), miss={self.miss} | {disk}")
 
 
@@ -204,7 +206,7 @@ def make_plan(cfg: OffloadConfig, hf_config, source: CheckpointSource, expert_by
                       capped_from=cfg.cache_experts if isinstance(cfg.cache_experts, int) and cfg.cache_experts > total
                       else None, ram_capacity=min(ram_capacity, total),
                       ram_record_bytes=expert_bytes if in_place else (host_bytes or expert_bytes),
-                      miss="cpu" if in_place else cfg.miss, in_place=in_place)
+                      miss="cpu" if in_place else cfg.miss, in_place=in_place, hot_trace=cfg.hot_trace)
 
 
 def _headroom(free: int) -> int:

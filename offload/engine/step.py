@@ -38,6 +38,7 @@ class Engine:
         self.stats = EngineStats()
         self.ram, self.miss, self.host_codec, self.tier = ram, miss, host_codec, tier
         self.cpu_experts = 0  # device misses computed on the CPU from the RAM tier
+        self.hot: list = []   # the static hot set, pinned in the device tier (`pin_hot`)
         self._cuda = slots.device.type == "cuda"
         source = store if ram is None else PoolStore(ram)
         # on CPU the RAM tier holds records in compute form already: a copy into a slot is a plain copy
@@ -332,6 +333,23 @@ class Engine:
             self.predictor.reset()
         self._precision, self._predicted = {}, {}
         self._step, self._last_use = 0, {}
+
+    def pin_hot(self, keys: list) -> None:
+        """Load `keys` into the device tier and pin them there for good (the static hot set)."""
+        self.hot = list(keys)
+        for key in self.hot:
+            if key in self.cache:
+                self.cache.pin(key)
+                continue
+            if self.ram is not None:
+                self.ram.prefetcher.fetch(key)
+                self.ram.cache.pin(key)
+            try:
+                self.prefetcher.fetch(key)
+            finally:
+                if self.ram is not None:
+                    self.ram.cache.unpin(key)
+            self.cache.pin(key)
 
     def tier_counts(self) -> dict:
         """Where each expert use was served: device hits + RAM hits + disk reads == uses, exactly."""

@@ -149,3 +149,33 @@ def test_cost_model_copies_experts_that_will_be_reused():
     assert dear_copy.copy((0, 0), 0.5)
     stats.hits, stats.misses = 0, 1000  # never reused: computing where the bytes are wins
     assert not CostModelMiss(MissCosts(copy_s=1e-3, cpu_s=5e-4, device_s=1e-5), stats).copy((0, 0), 0.5)
+
+
+@pytest.mark.parametrize("tiers", [{}, {"ram_memory": "50%", "miss": "copy"}])
+def test_hot_set_from_a_trace_stays_pinned_and_exact(tiers, tiny_dir, tmp_path):
+    """The experts a recorded trace uses most are loaded at start and never evicted; the rest of the slots
+    are a dynamic cache; tokens unchanged."""
+    path = tiny_dir("mixtral")
+    ids = prompt(8)
+    rec = OffloadedModel.from_pretrained(path, trace=True)
+    want = greedy(rec, ids)
+    rec.trace().save(tmp_path / "t.npz")
+    m = OffloadedModel.from_pretrained(path, store_dir=tmp_path / "s", cache_experts=6, hot_trace=str(tmp_path / "t.npz"),
+                                       **tiers)
+    hot = m.engine.hot
+    assert len(hot) == 3 and all(k in m.engine.cache for k in hot)
+    assert "hot set of" in dict(m.plan.rows())["tiers"]
+    assert m.stats()["tiers"]["disk_reads"] == 0  # loading the hot set is not counted as the run's reads
+    assert torch.equal(greedy(m, ids), want)
+    assert all(k in m.engine.cache for k in hot)  # never evicted, though 6 slots cycle through 24 experts
+    m.reset_cache()
+    assert all(k in m.engine.cache for k in hot) and m.engine.cache.pinned() == set(hot)
+    m.close()
+
+
+def test_hot_trace_of_another_model_is_refused(tiny_dir, tmp_path):
+    rec = OffloadedModel.from_pretrained(tiny_dir("qwen2_moe"), trace=True)
+    greedy(rec, prompt(1))
+    rec.trace().save(tmp_path / "t.npz")
+    with pytest.raises(OffloadError, match="record it on this model"):
+        OffloadedModel.from_pretrained(tiny_dir("deepseek_v3"), cache_experts=8, hot_trace=str(tmp_path / "t.npz"))
