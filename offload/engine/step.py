@@ -44,10 +44,15 @@ class Engine:
         # on CPU the RAM tier holds records in compute form already: a copy into a slot is a plain copy
         transform = (None if codec is None or (ram is not None and not self._cuda) else
                      (lambda key, rec, slot: codec.transform(store.format_of(key), rec, slot)))
-        self.prefetcher = Prefetcher(source, cache, slots, self.stats, transform=transform, worker=worker)
-        # where predictions load to: the RAM tier when there is one (the disk -> RAM link is the slow one)
-        self.loader = self.prefetcher if ram is None else ram.prefetcher
         self._guard = CopyGuard(ram.cache) if ram is not None and self._cuda else None
+        hold = release = None
+        if ram is not None:  # a device prefetch reads a RAM record: it stays pinned there until the copy ran
+            hold = ram.cache.pin
+            release = lambda key, event: self._unpin_ram(key, event)  # noqa: E731
+        self.prefetcher = Prefetcher(source, cache, slots, self.stats, transform=transform, worker=worker,
+                                     hold=hold, release=release)
+        # where predictions are read from disk: into the RAM tier when there is one
+        self.loader = self.prefetcher if ram is None else ram.prefetcher
         self._scratch = None  # CUDA: a CPU slot for a RAM record turned into CPU compute form
         self.predictor, self.tracer = predictor, tracer
         self.entry = bool(getattr(predictor, "entry", False))  # predicts at layer entries (lookahead 0)
@@ -223,6 +228,11 @@ class Engine:
         finally:
             ram.cache.unpin(key)
 
+    def _unpin_ram(self, key, event) -> None:
+        if self._guard is not None and event is not None:
+            self._guard.hold(key, event)  # CUDA: until the asynchronous copy out of the record has run
+        self.ram.cache.unpin(key)
+
     def _host_views(self, key, rslot: int):
         """(weights, linear) of the RAM record in `rslot`, in CPU compute form: in place on a CPU machine; on
         CUDA the stored record is turned into it in a scratch slot (its compute finishes before the next)."""
@@ -293,6 +303,10 @@ class Engine:
             else:  # the layer computes its experts in ascending id order: load the likeliest k in that order
                 keys += [(tl, e) for e in sorted(ids[: self.top_k]) + ids[self.top_k:]]
         self.loader.submit(keys, self._protected)
+        if self.ram is not None:  # and the guesses already in RAM go on to the device on the second link
+            ram = self.ram
+            self.prefetcher.submit([k for k in keys if k in ram.cache and not ram.prefetcher.loading(k)
+                                    and self.miss.copy(k, 0.0)], self._protected)
 
     def _protected(self, key) -> bool:
         """Whether a prefetch must not evict `key`: used during the last pass over the layers, or of a layer
