@@ -261,6 +261,7 @@ class Projection:
     stream_tok_s: float         # misses copied over the link, computed on the GPU
     cpu_tok_s: float            # misses computed on the CPU from RAM
     link_ceiling_tok_s: float   # link bandwidth / bytes per token alone (the doc's ceiling)
+    hybrid_tok_s: float = 0.0   # dynamic cache, each miss copied or computed on the CPU, whichever is faster
 
     @property
     def best(self) -> str:
@@ -272,12 +273,16 @@ class Projection:
 
 
 def project(shape: ModelShape, mach: Machine, hit_rate: float, bits: int | str = 4, link: str = "pinned",
-            cpu_hit_rate: float | None = None, dense_bits: int | None = None) -> Projection:
+            cpu_hit_rate: float | None = None, dense_bits: int | None = None,
+            cpu_bw: float | None = None) -> Projection:
     """Batch-1 decode ceilings at cache hit rate `hit_rate`. link: pinned, pageable or disk (misses read from NVMe).
 
     cpu_hit_rate: the GPU hit rate of the CPU-compute design (default `hit_rate`). Computing misses on the
     CPU moves no bytes, so its GPU set is static (Fiddler's hot set) and usually hits less than a dynamic
-    cache; per missed byte, RAM (40-70 GB/s) beats the link (24 GB/s), so at equal hit rates it always wins."""
+    cache; per missed byte, RAM (40-70 GB/s) beats the link (24 GB/s), so at equal hit rates it always wins.
+    cpu_bw: the CPU's expert GEMV rate in bytes/s (default the RAM roofline `mach.ram_bw`); a measured rate
+    says what this CPU's kernels reach. The hybrid (`miss='auto'`) keeps the dynamic cache's hit rate and
+    sends each missed byte down the faster path: the link, or the CPU's GEMV."""
     links = {"pinned": mach.link_bw, "pageable": mach.pageable_bw, "disk": min(mach.link_bw, mach.disk_bw)}
     if link not in links:
         raise ValueError(f"link must be one of {', '.join(links)}, got {link!r}")
@@ -286,9 +291,12 @@ def project(shape: ModelShape, mach: Machine, hit_rate: float, bits: int | str =
     ne = non_expert_bytes(shape, bits, dense_bits)
     t_stream = (ne + active) / mach.gpu_bw + miss / links[link]        # demand loads, no overlap
     cpu_miss = miss if cpu_hit_rate is None else bytes_per_token(shape, cpu_hit_rate, bits)
-    t_cpu = (ne + active - cpu_miss) / mach.gpu_bw + cpu_miss / mach.ram_bw  # the CPU reads each missed expert once
+    cpu = cpu_bw or mach.ram_bw
+    t_cpu = (ne + active - cpu_miss) / mach.gpu_bw + cpu_miss / cpu  # the CPU reads each missed expert once
+    t_hybrid = (ne + active - miss) / mach.gpu_bw + miss / max(links[link], cpu)
     ceiling = links[link] / miss if miss else float("inf")
-    return Projection(shape.name, mach.name, str(bits), hit_rate, miss, 1 / t_stream, 1 / t_cpu, ceiling)
+    return Projection(shape.name, mach.name, str(bits), hit_rate, miss, 1 / t_stream, 1 / t_cpu, ceiling,
+                      1 / t_hybrid)
 
 
 def crossover_hit_rate(mach: Machine) -> float:

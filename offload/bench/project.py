@@ -24,7 +24,9 @@ def static_hit_rate(tr, slots: int) -> float:
 
 
 def projection_rows(trace_path: Optional[Path], bits: str, machine: str, hit_rates: list[float],
-                    policy: str = "lru", context: int = 0, dense_bits: Optional[int] = None) -> list[dict]:
+                    policy: str = "lru", context: int = 0, dense_bits: Optional[int] = None,
+                    cpu_bw: Optional[float] = None) -> list[dict]:
+    """`cpu_bw`: a measured CPU GEMV rate (bytes/s) for the extra measured-CPU and hybrid columns."""
     from cache import hit_rate_curve
     from offload.bench import costmodel as cm
 
@@ -49,12 +51,14 @@ def projection_rows(trace_path: Optional[Path], bits: str, machine: str, hit_rat
                 source = f"trace: {policy} (stream) / static top-N (CPU) @ {slots}/{pool} slots"
         for h, h_static in hs:
             p = cm.project(shape, mach, h, bits, cpu_hit_rate=h_static, dense_bits=dense_bits)
+            q = cm.project(shape, mach, h, bits, cpu_hit_rate=h_static, dense_bits=dense_bits, cpu_bw=cpu_bw)
             rows.append({"model": shape.name, "expert_mb": f.expert_bytes / 1e6, "slots": f.slots,
                          "total_experts": f.total_experts, "fraction": f.fraction, "hit_rate": h, "cpu_hit_rate": h_static,
                          "hit_source": source,
                          "gb_per_token": p.bytes_per_token / 1e9, "stream_tok_s": p.stream_tok_s,
                          "cpu_tok_s": p.cpu_tok_s, "best": p.best, "best_tok_s": p.best_tok_s,
-                         "link_ceiling_tok_s": p.link_ceiling_tok_s})
+                         "link_ceiling_tok_s": p.link_ceiling_tok_s, "hybrid_tok_s": p.hybrid_tok_s,
+                         "measured_cpu_tok_s": q.cpu_tok_s, "measured_hybrid_tok_s": q.hybrid_tok_s})
     return rows
 
 
@@ -70,6 +74,8 @@ def project(
     dense_bits: Optional[int] = typer.Option(None, help="non-expert linears at 8 or 4 bits",
                                              show_default="bf16 up to 2.5 B params, else the expert format"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the rows as JSON", show_default="no file"),
+    cpu_threads: int = typer.Option(16, min=1, help="threads of the measured-CPU columns: this CPU's bf16 GEMV rate "
+                                                    "per thread (measured now) times this, at most the RAM roofline"),
 ) -> None:
     """PROJECTED (not measured) batch-1 decode ceilings for the preset models on one card."""
     from offload.bench import costmodel as cm
@@ -83,18 +89,22 @@ def project(
         mach = cm.machine(machine)
         if dense_bits not in (None, 8, 4):
             raise ValueError(f"dense_bits must be 8 or 4 (or None), got {dense_bits}")
+        per_thread = cm.measure_local(threads=1).gpu_bw  # this CPU's bf16 GEMV bytes/s on one thread
+        cpu_bw = min(mach.ram_bw, per_thread * cpu_threads)
         rows = projection_rows(trace_path, b, machine if machine != "local" else "local", hs, policy, context,
-                               dense_bits)
+                               dense_bits, cpu_bw)
         t = Table(title=f"PROJECTION, not a measurement: batch-1 decode ceilings on {mach.name} "
                         f"({mach.vram / 1e9:.0f} GB, link {mach.link_bw / 1e9:.0f} GB/s pinned, RAM "
                         f"{mach.ram_bw / 1e9:.0f} GB/s), experts at {cm.bits_per_weight(b):g} bits/weight")
         for col in ("model", "expert MB", "experts that fit", "hit rate\nLRU / static", "GB/token missed",
-                    "stream tok/s", "CPU-compute tok/s", "best", "link ceiling"):
+                    "stream tok/s", "CPU-compute tok/s", "hybrid tok/s", "CPU-compute tok/s\nthis CPU",
+                    "hybrid tok/s\nthis CPU", "best", "link ceiling"):
             t.add_column(col, justify="left" if col in ("model", "best") else "right")
         for r in rows:
             t.add_row(r["model"], f"{r['expert_mb']:.1f}", f"{r['slots']}/{r['total_experts']} ({r['fraction']:.0%})",
                       f"{r['hit_rate']:.1%} / {r['cpu_hit_rate']:.1%}", f"{r['gb_per_token']:.2f}", f"{r['stream_tok_s']:.1f}",
-                      f"{r['cpu_tok_s']:.1f}", r["best"],
+                      f"{r['cpu_tok_s']:.1f}", f"{r['hybrid_tok_s']:.1f}", f"{r['measured_cpu_tok_s']:.1f}",
+                      f"{r['measured_hybrid_tok_s']:.1f}", r["best"],
                       "-" if math.isinf(r["link_ceiling_tok_s"]) else f"{r['link_ceiling_tok_s']:.1f}")
         out.print(t)
         src = "; ".join(dict.fromkeys(r["hit_source"] for r in rows))
@@ -103,7 +113,10 @@ def project(
                                             "bf16 if <= 2.5 B params else at the expert format; ") + f"{mach.reserve / 1e9:g} GB "
                   f"reserved for CUDA context, KV cache and workspace; hit rates from: {src} (a small model's trace "
                   f"stands in for the big ones; short traces undercount hits by their cold misses); stream: misses copied over the link into an LRU cache; "
-                  f"CPU-compute: a static hot set on the GPU, misses computed from RAM; streaming beats computing every "
+                  f"CPU-compute: a static hot set on the GPU, misses computed from RAM; hybrid (miss='auto'): the "
+                  f"dynamic cache, each missed byte down the faster of link and CPU GEMV; 'this CPU' columns: the CPU "
+                  f"GEMV at {cpu_bw / 1e9:.1f} GB/s (measured {per_thread / 1e9:.1f} GB/s on one thread here, times "
+                  f"{cpu_threads}, capped at the RAM roofline) instead of the roofline; streaming beats computing every "
                   f"expert on the CPU above h = {cm.crossover_hit_rate(mach):.2f}. Real systems reach ~60-70% of these ceilings.", highlight=False)
         a = Table(title="published numbers of the anchors (as their authors report them, other hardware)")
         for col in ("system", "model", "decode", "setting"):

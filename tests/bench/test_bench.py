@@ -59,6 +59,18 @@ def test_expert_sizes_and_bytes_per_token_match_the_background_doc():
     assert p.stream_tok_s == pytest.approx(4.3, rel=0.10)  # compute time is small next to the link
 
 
+def test_hybrid_sends_each_missed_byte_down_the_faster_path():
+    """miss='auto' keeps the dynamic hit rate and picks link or CPU per miss: never below either pure design at
+    the same hit rate; a slow measured CPU makes the CPU design (not the stream) lose."""
+    mix, m = cm.preset("Mixtral-8x7B"), cm.MACHINES["rtx4090"]
+    for h in (0.0, 0.5, 0.9):
+        p = cm.project(mix, m, h, 4)
+        assert p.hybrid_tok_s == pytest.approx(max(p.stream_tok_s, p.cpu_tok_s))
+        slow = cm.project(mix, m, h, 4, cpu_bw=m.link_bw / 4)
+        assert slow.cpu_tok_s < slow.stream_tok_s == pytest.approx(slow.hybrid_tok_s)
+        assert slow.stream_tok_s == pytest.approx(p.stream_tok_s)
+
+
 def test_what_fits_on_a_24gb_card_matches_the_background_doc():
     m = cm.MACHINES["rtx4090"]
     for name, share in (("Mixtral-8x7B", 0.76), ("gpt-oss-120b", 0.28), ("Mixtral-8x22B", 0.26),
