@@ -293,7 +293,8 @@ def project(shape: ModelShape, mach: Machine, hit_rate: float, bits: int | str =
     cpu_miss = miss if cpu_hit_rate is None else bytes_per_token(shape, cpu_hit_rate, bits)
     cpu = cpu_bw or mach.ram_bw
     t_cpu = (ne + active - cpu_miss) / mach.gpu_bw + cpu_miss / cpu  # the CPU reads each missed expert once
-    t_hybrid = (ne + active - miss) / mach.gpu_bw + miss / max(links[link], cpu)
+    # a copied miss also runs on the GPU; a CPU-computed one is done once the CPU has read it
+    t_hybrid = (ne + active - miss) / mach.gpu_bw + miss * min(1 / links[link] + 1 / mach.gpu_bw, 1 / cpu)
     ceiling = links[link] / miss if miss else float("inf")
     return Projection(shape.name, mach.name, str(bits), hit_rate, miss, 1 / t_stream, 1 / t_cpu, ceiling,
                       1 / t_hybrid)
