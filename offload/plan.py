@@ -44,6 +44,7 @@ class MemoryPlan:
     miss: str = "copy"        # what a device miss served from RAM does (offload.engine.miss)
     in_place: bool = False    # CPU: the resident slots are the RAM tier, computed in place
     hot_trace: str | None = None  # the routing trace whose most used experts are pinned in half the slots
+    ram_limit: int = 0        # the tightest memory cgroup limit over this process (0: none)
 
     @property
     def resident_bytes(self) -> int:
@@ -58,7 +59,8 @@ class MemoryPlan:
         cpu = self.device == "cpu"  # its free memory is the RAM available: say it once
         return [
             ("compute device", self.device if cpu else f"{self.device} ({size(self.device_free)} free)"),
-            ("RAM", f"{size(self.ram_available)} available of {size(self.ram_total)}"),
+            ("RAM", f"{size(self.ram_available)} available of {size(self.ram_total)}"
+                    + (f" (memory cgroup limit {size(self.ram_limit)})" if self.ram_limit else "")),
             ("non-expert weights", size(self.non_expert_bytes) + (f" (linears int{self.dense_bits})"
                                                                   if self.dense_bits else "")),
             (f"KV cache at {self.context} tokens", size(self.kv_bytes)),
@@ -197,7 +199,9 @@ def make_plan(cfg: OffloadConfig, hf_config, source: CheckpointSource, expert_by
     elif ram_memory is not None:
         ram_budget = (budget - resident) if cpu else (ram_available() - _headroom(ram_available()))
         ram_capacity = ram_slots(ram_memory, total, host_bytes or expert_bytes, ram_budget, top_k)
-    return MemoryPlan(device=cfg.device, device_free=free, ram_total=vm.total, ram_available=vm.available,
+    limits = [limit for limit, _ in cgroup_limits()]
+    return MemoryPlan(device=cfg.device, device_free=free, ram_total=vm.total, ram_available=ram_available(),
+                      ram_limit=min(limits, default=0),
                       non_expert_bytes=non_expert, kv_bytes=kv, context=context, expert_bytes=expert_bytes,
                       total_experts=total, store=cfg.store,
                       store_bytes=source.expert_disk_bytes() if cfg.store == "ram" else total * expert_bytes,
