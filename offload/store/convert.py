@@ -197,16 +197,25 @@ def open_store(cfg, source: CheckpointSource, codec: RecordCodec | None, progres
     records `codec` (from `codec_for`) encodes."""
     if cfg.store == "ram":
         return RamStore(source)
-    fmt = "dense" if codec is None else ("custom" if callable(cfg.bits) else json.dumps(cfg.bits, sort_keys=True))
-    settings = {"dtype": str(cfg.dtype).removeprefix("torch."), "format": fmt}
+    settings = store_settings(cfg, codec)
     if cfg.calibration:
-        from offload.store.calibrate import calibrated_codec, settings_of
+        from offload.store.calibrate import calibrated_codec
 
-        settings["calibration"] = settings_of(cfg.calibration)
         if not (Path(cfg.store_dir) / INDEX).exists():  # statistics only when there are records to write
             codec = calibrated_codec(codec, source, cfg.calibration, Path(cfg.store_dir), cfg.dtype, progress)
     return open_or_convert(source, Path(cfg.store_dir), settings, codec, progress=progress, verify=cfg.verify,
                            direct=cfg.direct_io)
+
+
+def store_settings(cfg, codec: RecordCodec | None) -> dict:
+    """What a store made for an OffloadConfig records (and must match to be reused)."""
+    fmt = "dense" if codec is None else ("custom" if callable(cfg.bits) else json.dumps(cfg.bits, sort_keys=True))
+    settings = {"dtype": str(cfg.dtype).removeprefix("torch."), "format": fmt}
+    if cfg.calibration:
+        from offload.store.calibrate import settings_of
+
+        settings["calibration"] = settings_of(cfg.calibration)
+    return settings
 
 
 def build_store(model_dir, out: Path, bits=None, dtype="bfloat16", progress: bool = True,
