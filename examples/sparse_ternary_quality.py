@@ -100,8 +100,8 @@ def main() -> None:
                 rows.append((fmt, how, q, convert_s, bits, loss / base))
                 print(rows[-1][:2], f"ppl {q['ppl']:.2f} agree {q['agree']:.3f} bits {bits:.3f} loss {loss / base:.3f}",
                       flush=True)
-    print(f"\n| format | quantized from | calibration loss | perplexity | vs bf16 | greedy agreement (first difference) "
-          f"| bits/param | encode s |\n|---|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| format | quantized from | calibration loss | perplexity | vs bf16 | greedy agreement (first difference) "
+          "| bits/param | encode s |\n|---|---|---:|---:|---:|---:|---:|---:|")
     for fmt, how, q, sec, bits, loss in rows:
         first = "-" if q["first"] is None else q["first"]
         print(f"| {fmt} | {how} | {'-' if loss is None else f'{loss:.3f}'} | {q['ppl']:.2f} | "

@@ -81,7 +81,7 @@ class SparseTernaryGrid(TernaryGrid):
     rounding its running share, so each row has exactly round((1 - zeros) * K) nonzeros."""
 
     def __init__(self, kind: Ternary, w: torch.Tensor, zeros: float, d: torch.Tensor) -> None:
-        self.kind, (N, self.K) = kind, w.shape
+        self.kind, self.K = kind, w.shape[1]
         self.keep = min(self.K, max(1, round((1 - zeros) * self.K)))
         _, scale = ternarize(w, zeros)  # TWN's optimum scale for this support size, on the weights
         self.scale = scale.bfloat16().float()
