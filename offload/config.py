@@ -92,6 +92,8 @@ class OffloadConfig:
 
     calibration: str | None = None      # a text file: quantize experts with GPTQ on its routed activations
                                         # (int4/int3/int2, ternary) when converting the disk store
+    entropy_coder: str = "lzma"         # how the disk store codes sparse ternary records: lzma or dict16
+                                        # (QMoE's Tunstall dictionary; docs/formats.md measures both)
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
         if not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
@@ -134,6 +136,11 @@ class OffloadConfig:
             if not Path(self.calibration).is_file():
                 raise OffloadError(f"calibration file {self.calibration} not found; pass an existing text file "
                                    f"(--calibration FILE)")
+        from offload.store.codec import ENTROPY_CODERS
+
+        if self.entropy_coder not in ENTROPY_CODERS:
+            raise OffloadError(f"entropy_coder must be one of {', '.join(ENTROPY_CODERS)}, got "
+                               f"entropy_coder={self.entropy_coder!r} (--entropy-coder)")
         if self.dense_bits is not None and (isinstance(self.dense_bits, bool) or self.dense_bits not in (8, 4)):
             raise OffloadError(f"dense_bits must be 8 or 4 (or None), got {self.dense_bits!r}")
         if self.dense_bits is not None and str(self.device).startswith("cuda"):
