@@ -21,7 +21,6 @@ LZMA_FILTERS = ({"id": lzma.FILTER_LZMA2, "preset": 6, "dict_size": 1 << 20, "lc
 
 PAYS = 0.95  # store a record compressed only when that saves more than 5% of its bytes
 DIGITS = np.array([[b // 3**i % 3 for i in range(5)] for b in range(243)], dtype=np.uint8)  # byte -> 5 base-3 digits
-POWERS = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
 
 
 def ternary_segments(kind_name: str, layout: ExpertLayout) -> list[tuple[int, int, float]]:
@@ -108,7 +107,8 @@ class Dict16:
         digits = self.dictionary.decode(data[keep:].view("<u2"), self.digits)
         out = np.empty(self.nbytes, dtype=np.uint8)
         out[self.rest] = data[:keep]
-        codes = digits.reshape(-1, 5) @ POWERS.astype(np.uint16)
+        d = digits.reshape(-1, 5)
+        codes = d[:, 0] + 3 * d[:, 1] + 9 * d[:, 2] + 27 * d[:, 3] + 81 * d[:, 4]  # uint8: at most 242
         pos = 0
         for a, b in self.segments:
             out[a:b] = codes[pos:pos + b - a]

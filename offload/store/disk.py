@@ -172,6 +172,10 @@ class DiskStore:
         """How record `key` is stored: None (raw), 'lz4' or 'lzma'."""
         return self._records[key].codec
 
+    def coder_of(self, key: Key) -> Dict16 | None:
+        """The dict16 coder (with its stored dictionary) of record `key`'s kind, None where it has none."""
+        return self._coders.get(self._records[key].fmt)
+
     def read_into(self, key: Key, out: torch.Tensor) -> int:
         """pread record `key` into `out` (CPU uint8, >= record_bytes), decoding it if compressed; returns the
         bytes read from disk."""
