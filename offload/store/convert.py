@@ -1,7 +1,7 @@
 """Streaming, resumable conversion: checkpoint experts -> a DiskStore, one expert at a time.
 
 Memory stays at one record plus fixed overhead whatever the model size. Records are written back to
-back, each only as long as its kind's layout or its compressed form (lz4 or lzma, per record, where it
+back, each only as long as its kind's layout or its compressed form (lz4, lzma or dict16, per record, where it
 pays); records of ALIGN_MIN bytes or more start on an ALIGN boundary (zero padding before them), so direct
 I/O reads them straight into a slot. The data file grows as `experts.bin.partial`;
 `journal.json` (rewritten atomically) lists the final records with their offsets, lengths, codecs and

@@ -3,9 +3,10 @@
 Tunstall (1967): start from the three one-digit words and replace the most probable word by its three
 extensions until the dictionary holds 2^16 - 1 words; every word is then a leaf of a complete ternary tree,
 so any digit stream parses greedily into words. Decoding is one table lookup per codeword (a row of the
-[words, longest] digit table) and a mask of the word lengths, vectorised in numpy (no loop over digits); encoding walks the tree for LANE digits in each of many lanes in
-lockstep. Lanes are independent (each ends on a word boundary, padded with the likeliest digit), so the
-coded form is [words per lane, uint16] + [codewords, uint16].
+[words, longest] digit table) and a mask of the word lengths, vectorised in numpy (no loop over digits);
+encoding walks the tree for LANE digits in each of many lanes in lockstep. Lanes are independent (each ends
+on a word boundary, its last word completed with PAD digits), so the coded form is [words per lane, uint16]
++ [codewords, uint16].
 
 The dictionary is stored as its tree shape alone: node flags in preorder (1 internal, 0 leaf), one bit each
 (~12 KiB); codewords number the leaves in preorder. The shape does not depend on float rounding once built.
