@@ -136,3 +136,18 @@ def test_convert_cli_refuses_a_corrupted_dictionary_in_one_line(tiny_dir, tmp_pa
     assert len(r.output.strip().splitlines()) == 1
     bad = CliRunner().invoke(convert_app, args[:-1] + ["zstd"])
     assert bad.exit_code == 2 and "entropy_coder must be one of lzma, dict16" in bad.output
+
+
+def test_a_model_on_a_dict16_store_generates_what_it_does_on_lzma(tiny_dir, tmp_path):
+    from offload import OffloadedModel
+
+    model_dir = tiny_dir("mixtral")
+    ids = torch.tensor([[1, 5, 9, 13]])
+    outs = {}
+    for coder in ("lzma", "dict16"):
+        with OffloadedModel.from_pretrained(model_dir, store="disk", store_dir=str(tmp_path / coder),
+                                            bits="ternary-z80", entropy_coder=coder, cache_experts=2) as m:
+            outs[coder] = m.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(outs["lzma"], outs["dict16"])
+    with pytest.raises(OffloadError, match="entropy_coder dict16.*delete"):  # its settings name the coder
+        OffloadedModel.from_pretrained(model_dir, store="disk", store_dir=str(tmp_path / "dict16"), bits="ternary-z80")
