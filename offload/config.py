@@ -93,6 +93,8 @@ class OffloadConfig:
 
     calibration: str | None = None      # a text file: quantize experts with GPTQ on its routed activations
                                         # (int4/int3/int2, ternary) when converting the disk store
+    entropy_coder: str = "lzma"         # how the disk store codes sparse ternary records: lzma or dict16
+                                        # (QMoE's Tunstall dictionary; docs/formats.md measures both)
     ram_memory: int | str | None = None  # RAM tier of stored records between the disk store and the device:
                                         # 64GiB, "50%" of all records, or "auto" (free RAM minus headroom)
     miss: str = "auto"                  # a device miss whose record is in RAM: copy it into a device slot, compute
@@ -142,6 +144,11 @@ class OffloadConfig:
             if not Path(self.calibration).is_file():
                 raise OffloadError(f"calibration file {self.calibration} not found; pass an existing text file "
                                    f"(--calibration FILE)")
+        from offload.store.codec import ENTROPY_CODERS
+
+        if self.entropy_coder not in ENTROPY_CODERS:
+            raise OffloadError(f"entropy_coder must be one of {', '.join(ENTROPY_CODERS)}, got "
+                               f"entropy_coder={self.entropy_coder!r} (--entropy-coder)")
         if self.dense_bits is not None and (isinstance(self.dense_bits, bool) or self.dense_bits not in (8, 4)):
             raise OffloadError(f"dense_bits must be 8 or 4 (or None), got {self.dense_bits!r}")
         if self.dense_bits is not None and str(self.device).startswith("cuda"):

@@ -25,6 +25,8 @@ def convert(
                                                "routes to each expert (int4/int3/int2, ternary)", show_default="none: weight-only"),
     dense_bits: Optional[int] = typer.Option(None, help="also quantize the non-expert linears (8 or 4) into the "
                                              "store", show_default="none"),
+    entropy_coder: str = typer.Option("lzma", help="how sparse ternary (ternary-zNN) records are coded: lzma or "
+                                      "dict16 (QMoE's Tunstall dictionary)"),
     version: bool = version_option(),
 ) -> None:
     """Stream the experts into a checksummed store, one at a time (bounded memory, resumable)."""
@@ -32,7 +34,7 @@ def convert(
 
     try:
         summary = build_store(model_dir, out, bits=bits_option(bits), dtype=dtype,
-                              calibration=str(calibration) if calibration else None)
+                              calibration=str(calibration) if calibration else None, entropy_coder=entropy_coder)
         if dense_bits is not None:
             from offload.formats.dense_linears import cache_dense
 

@@ -6,8 +6,12 @@ Minimises ||X W^T - X Q^T|| rather than ||W - Q||: the error goes where the inpu
 in order (groups stay contiguous, as the kernels need), in blocks of BLOCK with lazy updates of the rest;
 the grid of a group of G columns (scale, zero; the weight-only clip search on the columns as updated so
 far) is chosen when GPTQ reaches its first column. Ternary keeps its per-row scale (TWN's optimum on W)
-and rounds to {-1, 0, 1}. Where the damped H is not positive definite, `gptq` returns None and the caller
-quantizes from the weights alone.
+and rounds to {-1, 0, 1}. Sparse ternary (ternary-zNN) chooses its support inside the sweep, as SparseGPT
+(Frantar & Alistarh 2023) chooses its mask: at each block of MASK_BLOCK columns, from the weights as
+updated so far, each row keeps the entries whose zeroing would cost the most (OBS saliency, the error
+divided by the inverse Hessian's diagonal), its share of the row's nonzeros, so every row ends with
+exactly the requested zeros. Where the damped H is not positive definite, `gptq` returns None and the
+caller quantizes from the weights alone.
 """
 from __future__ import annotations
 
@@ -20,6 +24,10 @@ from offload.formats.ternary import ternarize
 
 BLOCK = 128     # columns per lazy batch update
 DAMPING = 0.01  # added to H's diagonal, times its mean: the paper's default
+MASK_BLOCK = 32  # sparse ternary: columns whose support is chosen at once (divides BLOCK); lower loss than 128 or 16
+# sparse ternary: 10x QMoE's 0.1. The demo's experts see 200-700 tokens for K = 256-288, so H is poorly
+# estimated; held-out perplexity at z80: +36% at 1.0, +47% at 0.1 (docs/benchmarks/sparse-ternary.md)
+SPARSE_DAMPING = 1.0
 
 
 class GroupGrid:
@@ -68,16 +76,63 @@ class TernaryGrid:
         return self.kind.pack(self.t, self.scale)
 
 
+class SparseTernaryGrid(TernaryGrid):
+    """ternary-zNN, support chosen in the sweep: per row, per block of MASK_BLOCK columns, the entries with
+    the largest drop in output error between coding them 0 and +-scale, (w^2 - (|w| - s)^2) / d^2 with d the
+    sweep's sqrt of the inverse Hessian's diagonal. The row's keep count is split over the blocks by
+    rounding its running share, so each row has exactly round((1 - zeros) * K) nonzeros."""
+
+    def __init__(self, kind: Ternary, w: torch.Tensor, zeros: float, d: torch.Tensor) -> None:
+        self.kind, self.K = kind, w.shape[1]
+        self.keep = min(self.K, max(1, round((1 - zeros) * self.K)))
+        _, scale = ternarize(w, zeros)  # TWN's optimum scale for this support size, on the weights
+        self.scale = scale.bfloat16().float()
+        self.d2 = d.square()
+        self.t = torch.empty(w.shape, dtype=torch.int8)
+
+    def begin(self, j: int, cols: torch.Tensor) -> None:
+        if j % MASK_BLOCK:
+            return
+        m = min(MASK_BLOCK, cols.shape[1])
+        n = round(self.keep * (j + m) / self.K) - round(self.keep * j / self.K)
+        s = self.scale[:, None]
+        gain = (2 * cols[:, :m].abs() - s) * s / self.d2[j:j + m]           # [N, m]
+        self.mask = torch.zeros(gain.shape, dtype=torch.bool)
+        self.mask.scatter_(1, gain.topk(n, dim=1).indices, True)
+        self.j0 = j
+
+    def round(self, j: int, w: torch.Tensor) -> torch.Tensor:
+        t = torch.where(w >= 0, 1.0, -1.0) * self.mask[:, j - self.j0]     # kept entries are never 0
+        self.t[:, j] = t.to(torch.int8)
+        return t * self.scale
+
+
+class FixedSupportGrid(SparseTernaryGrid):
+    """ternary-zNN with the support thresholded from the weights first (`ternarize`), GPTQ choosing only the
+    signs: the baseline the joint choice is measured against."""
+
+    def __init__(self, kind: Ternary, w: torch.Tensor, zeros: float, d: torch.Tensor) -> None:
+        super().__init__(kind, w, zeros, d)
+        self.support = ternarize(w, zeros)[0] != 0
+
+    def begin(self, j: int, cols: torch.Tensor) -> None:
+        self.mask, self.j0 = self.support, 0
+
+
+SUPPORTS = {"joint": SparseTernaryGrid, "fixed": FixedSupportGrid}  # how ternary-zNN picks its zeros
+
+
 def supports(fmt: QFormat) -> bool:
-    """Whether GPTQ can code `fmt`: the grouped kinds and ternary at its error optimum (ternary-zNN fixes
-    each row's zeros, which rounding with error feedback does not keep)."""
+    """Whether GPTQ can code `fmt`: the grouped kinds at a fixed group size and every ternary."""
     kind = fmt.kind_object
-    return (isinstance(kind, Grouped) and fmt.group_size > 0) or (isinstance(kind, Ternary) and not fmt.zeros)
+    return (isinstance(kind, Grouped) and fmt.group_size > 0) or isinstance(kind, Ternary)
 
 
-def _grid(fmt: QFormat, w: torch.Tensor):
+def _grid(fmt: QFormat, w: torch.Tensor, d: torch.Tensor, support: str):
     kind = fmt.kind_object
-    return TernaryGrid(kind, w) if isinstance(kind, Ternary) else GroupGrid(kind, fmt, *w.shape)
+    if isinstance(kind, Ternary):
+        return SUPPORTS[support](kind, w, fmt.zeros / 100, d) if fmt.zeros else TernaryGrid(kind, w)
+    return GroupGrid(kind, fmt, *w.shape)
 
 
 def inverse_hessian_factor(H: torch.Tensor, damping: float = DAMPING) -> torch.Tensor | None:
@@ -91,9 +146,13 @@ def inverse_hessian_factor(H: torch.Tensor, damping: float = DAMPING) -> torch.T
     return U.float() if info == 0 else None
 
 
-def gptq(w: torch.Tensor, H: torch.Tensor, fmt: QFormat, damping: float = DAMPING) -> Parts | None:
+def gptq(w: torch.Tensor, H: torch.Tensor, fmt: QFormat, damping: float | None = None,
+         support: str = "joint") -> Parts | None:
     """W [N, K] fp32 and its inputs' H [K, K] -> the storage form of `fmt` (as `quantize` lays it out), or None
-    where the damped H has no Cholesky factor."""
+    where the damped H has no Cholesky factor. `damping` None: SPARSE_DAMPING for ternary-zNN, else DAMPING;
+    `support`: how ternary-zNN picks its zeros (SUPPORTS)."""
+    if damping is None:
+        damping = SPARSE_DAMPING if fmt.zeros else DAMPING
     N, K = w.shape
     W = w.float().clone()
     H = H.float().clone()
@@ -103,7 +162,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt: QFormat, damping: float = DAMPIN
     U = inverse_hessian_factor(H, damping)
     if U is None:
         return None
-    grid = _grid(fmt, W)
+    grid = _grid(fmt, W, U.diagonal(), support)
     for i1 in range(0, K, BLOCK):
         i2 = min(i1 + BLOCK, K)
         W1, U1 = W[:, i1:i2], U[i1:i2, i1:i2]

@@ -49,9 +49,9 @@ def settings_of(path: str | Path) -> dict:
 class CalibratedCodec(RecordCodec):
     """A RecordCodec whose encoder runs GPTQ on the matrices it has statistics for."""
 
-    def __init__(self, codec: RecordCodec, stats: Stats, min_tokens: int = MIN_TOKENS) -> None:
+    def __init__(self, codec: RecordCodec, stats: Stats, min_tokens: int = MIN_TOKENS, support: str = "joint") -> None:
         super().__init__(codec.dense, codec.rule, codec.transposed, codec.device)
-        self.stats, self.min_tokens = stats, min_tokens
+        self.stats, self.min_tokens, self.support = stats, min_tokens, support  # support: gptq.SUPPORTS
 
     def calibrated(self, key: tuple[int, int]) -> bool:
         s = self.stats.get(tuple(key))
@@ -63,7 +63,7 @@ class CalibratedCodec(RecordCodec):
                                 "weight_only": [list(k) for k in keys if not self.calibrated(k)]}}
 
     def quantize_matrix(self, key, matrix, w, fmt):
-        parts = gptq(w, self.stats[key][matrix], fmt) if self.calibrated(key) and supports(fmt) else None
+        parts = gptq(w, self.stats[key][matrix], fmt, support=self.support) if self.calibrated(key) and supports(fmt) else None
         return parts or quantize(w, fmt)  # too few tokens, or no Cholesky factor: weights alone
 
 

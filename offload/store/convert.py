@@ -1,7 +1,7 @@
 """Streaming, resumable conversion: checkpoint experts -> a DiskStore, one expert at a time.
 
 Memory stays at one record plus fixed overhead whatever the model size. Records are written back to
-back, each only as long as its kind's layout or its compressed form (lz4 or lzma, per record, where it
+back, each only as long as its kind's layout or its compressed form (lz4, lzma or dict16, per record, where it
 pays); records of ALIGN_MIN bytes or more start on an ALIGN boundary (zero padding before them), so direct
 I/O reads them straight into a slot. The data file grows as `experts.bin.partial`;
 `journal.json` (rewritten atomically) lists the final records with their offsets, lengths, codecs and
@@ -24,7 +24,7 @@ import torch
 from offload.errors import OffloadError
 from offload.store.source import CheckpointSource
 from offload.formats.record import RecordCodec, format_rule
-from offload.store.codec import compress
+from offload.store.codec import compress, entropy_coder
 from offload.store.disk import (ALIGN, ALIGN_MIN, DATA, INDEX, STORE_VERSION, DiskStore, RamStore, checksum,
                                 read_index)
 
@@ -118,7 +118,7 @@ def _write(source: CheckpointSource, store_dir: Path, settings: dict, codec: Rec
     head = {"version": STORE_VERSION, "fingerprint": source.fingerprint(), "settings": settings,
             "record_bytes": record_bytes, "num_records": len(keys), **(codec.meta(keys) if codec else {})}
     journal_path, partial = store_dir / JOURNAL, store_dir / PARTIAL
-    journal = {**head, "layouts": {}, "records": []}
+    journal = {**head, "layouts": {}, "dictionaries": {}, "records": []}
     if journal_path.exists():
         try:
             old = json.loads(journal_path.read_text())
@@ -129,7 +129,9 @@ def _write(source: CheckpointSource, store_dir: Path, settings: dict, codec: Rec
             if not partial.exists() and (store_dir / DATA).exists():  # killed between the final rename and index
                 os.replace(store_dir / DATA, partial)
     if not partial.exists():  # nothing written to resume from
-        journal = {**head, "layouts": {}, "records": []}
+        journal = {**head, "layouts": {}, "dictionaries": {}, "records": []}
+    journal.setdefault("dictionaries", {})
+    coders: dict = {}  # per record kind: its entropy coder (Dict16: with the kind's dictionary, kept in the index)
     done = len(journal["records"])
     end = journal["records"][-1][4] + journal["records"][-1][5] if done else 0  # offset + length of the last
     buf = torch.zeros(record_bytes, dtype=torch.uint8)
@@ -142,8 +144,13 @@ def _write(source: CheckpointSource, store_dir: Path, settings: dict, codec: Rec
             key = keys[i]
             fmt, layout, tensors = encode(key, source.read(key))
             layout.pack(tensors, buf[: layout.nbytes])
-            lzma_too = codec is not None and codec.entropy_coded(fmt)
-            data, how = compress(memoryview(buf[: layout.nbytes].numpy()), lzma_too)
+            entropy = None
+            if codec is not None and codec.entropy_coded(fmt):
+                if fmt not in coders:
+                    coders[fmt] = entropy_coder(settings.get("entropy_coder", "lzma"), fmt, layout,
+                                                journal["dictionaries"])
+                entropy = coders[fmt]
+            data, how = compress(memoryview(buf[: layout.nbytes].numpy()), entropy)
             if len(data) >= ALIGN_MIN and end % ALIGN:  # long records start aligned: direct reads, no bounce
                 f.write(bytes(-end % ALIGN))
                 end += -end % ALIGN
@@ -158,7 +165,8 @@ def _write(source: CheckpointSource, store_dir: Path, settings: dict, codec: Rec
                 atomic_write_text(journal_path, json.dumps(journal))
                 last_sync = time.monotonic()
     os.replace(partial, store_dir / DATA)
-    atomic_write_text(store_dir / INDEX, json.dumps({k: v for k, v in journal.items()}))
+    # a store without dictionaries has no such field: its index is as before they existed
+    atomic_write_text(store_dir / INDEX, json.dumps({k: v for k, v in journal.items() if k != "dictionaries" or v}))
     journal_path.unlink()
 
 
@@ -197,20 +205,31 @@ def open_store(cfg, source: CheckpointSource, codec: RecordCodec | None, progres
     records `codec` (from `codec_for`) encodes."""
     if cfg.store == "ram":
         return RamStore(source)
-    fmt = "dense" if codec is None else ("custom" if callable(cfg.bits) else json.dumps(cfg.bits, sort_keys=True))
-    settings = {"dtype": str(cfg.dtype).removeprefix("torch."), "format": fmt}
+    settings = store_settings(cfg, codec)
     if cfg.calibration:
-        from offload.store.calibrate import calibrated_codec, settings_of
+        from offload.store.calibrate import calibrated_codec
 
-        settings["calibration"] = settings_of(cfg.calibration)
         if not (Path(cfg.store_dir) / INDEX).exists():  # statistics only when there are records to write
             codec = calibrated_codec(codec, source, cfg.calibration, Path(cfg.store_dir), cfg.dtype, progress)
     return open_or_convert(source, Path(cfg.store_dir), settings, codec, progress=progress, verify=cfg.verify,
                            direct=cfg.direct_io)
 
 
+def store_settings(cfg, codec: RecordCodec | None) -> dict:
+    """What a store made for an OffloadConfig records (and must match to be reused)."""
+    fmt = "dense" if codec is None else ("custom" if callable(cfg.bits) else json.dumps(cfg.bits, sort_keys=True))
+    settings = {"dtype": str(cfg.dtype).removeprefix("torch."), "format": fmt}
+    if cfg.calibration:
+        from offload.store.calibrate import settings_of
+
+        settings["calibration"] = settings_of(cfg.calibration)
+    if cfg.entropy_coder != "lzma":  # only where it differs: stores made before the choice existed stay valid
+        settings["entropy_coder"] = cfg.entropy_coder
+    return settings
+
+
 def build_store(model_dir, out: Path, bits=None, dtype="bfloat16", progress: bool = True,
-                calibration: str | None = None) -> str:
+                calibration: str | None = None, entropy_coder: str = "lzma") -> str:
     """`offload-convert`: write (or resume, or verify and reuse) the store for `model_dir`; returns a summary.
 
     The settings are exactly those `from_pretrained(..., store="disk", store_dir=out, bits=bits,
@@ -218,7 +237,8 @@ def build_store(model_dir, out: Path, bits=None, dtype="bfloat16", progress: boo
     from offload.config import OffloadConfig
     from offload.store.source import open_checkpoint
 
-    cfg = OffloadConfig(store="disk", store_dir=str(out), bits=bits, dtype=dtype, calibration=calibration)
+    cfg = OffloadConfig(store="disk", store_dir=str(out), bits=bits, dtype=dtype, calibration=calibration,
+                        entropy_coder=entropy_coder)
     _hf, arch, source, _k = open_checkpoint(model_dir, cfg.dtype)
     t0 = time.perf_counter()
     store = open_store(cfg, source, codec_for(cfg, source, arch), progress)

@@ -29,7 +29,7 @@ import torch
 import xxhash
 
 from offload.errors import OffloadError
-from offload.store.codec import CodecError, decode
+from offload.store.codec import CodecError, Dict16, decode
 from offload.store.layout import ExpertLayout
 from offload.store.source import CheckpointSource, Key
 
@@ -67,7 +67,7 @@ class Record(NamedTuple):
     digest: int
     offset: int
     length: int          # bytes stored in the data file
-    codec: str | None    # None (raw), 'lz4' or 'lzma'
+    codec: str | None    # None (raw), 'lz4', 'lzma' or 'dict16'
 
 
 def read_index(store_dir: Path) -> dict:
@@ -132,6 +132,13 @@ class DiskStore:
         except (KeyError, TypeError, ValueError) as e:
             raise OffloadError(f"expert store index {self.dir / INDEX} is malformed ({e!r}); delete {self.dir} to "
                                f"rebuild the store") from None
+        self._coders = {}  # per record kind: its stored Tunstall dictionary (dict16 stores)
+        for fmt, entry in (self.index.get("dictionaries") or {}).items():
+            try:
+                self._coders[fmt] = Dict16.from_json(entry, self.layouts[fmt], fmt)
+            except (OffloadError, KeyError, TypeError, AttributeError) as e:
+                raise OffloadError(f"the dictionary of record kind {fmt} in {self.dir / INDEX} is corrupt ({e}); "
+                                   f"delete {self.dir} to rebuild the store") from None
         self.verify = verify
         path = self.dir / DATA
         expected = max((r.offset + r.length for r in self._records.values()), default=0)
@@ -165,6 +172,10 @@ class DiskStore:
         """How record `key` is stored: None (raw), 'lz4' or 'lzma'."""
         return self._records[key].codec
 
+    def coder_of(self, key: Key) -> Dict16 | None:
+        """The dict16 coder (with its stored dictionary) of record `key`'s kind, None where it has none."""
+        return self._coders.get(self._records[key].fmt)
+
     def read_into(self, key: Key, out: torch.Tensor) -> int:
         """pread record `key` into `out` (CPU uint8, >= record_bytes), decoding it if compressed; returns the
         bytes read from disk."""
@@ -193,7 +204,7 @@ class DiskStore:
         if r.codec is not None:
             raw = self.layouts[r.fmt].nbytes
             try:
-                decoded = decode(r.codec, data, raw)
+                decoded = decode(r.codec, data, raw, self._coders.get(r.fmt))
             except CodecError:
                 decoded = b""
             if len(decoded) != raw:

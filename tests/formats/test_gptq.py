@@ -17,6 +17,12 @@ def problem(N: int = 64, K: int = 128, n: int = 1024):
     return X, W, 2 * X.T @ X / n
 
 
+def calibration_loss(W: torch.Tensor, H: torch.Tensor, parts: dict, fmt) -> float:
+    """GPTQ's objective on the calibration inputs: tr((W - Q) H (W - Q)^T) = 2/n ||X W^T - X Q^T||^2."""
+    E = W - dequantize(parts, fmt, W.shape)
+    return float(torch.einsum("nk,kl,nl->", E, H, E))
+
+
 @pytest.mark.parametrize("name", ["int4-g32", "int4-g128", "int3-g32", "int2-g64", "ternary"])
 def test_gptq_lowers_the_output_error(name):
     X, W, H = problem()
@@ -28,11 +34,35 @@ def test_gptq_lowers_the_output_error(name):
     assert out_err(parts) < 0.93 * out_err(quantize(W, fmt))
 
 
+@pytest.mark.parametrize("name,K", [("ternary-z70", 256), ("ternary-z80", 256), ("ternary-z90", 256),
+                                    ("ternary-z80", 288), ("ternary-z90", 160)])
+def test_joint_sparse_ternary_has_exactly_the_zeros_and_beats_threshold_first(name, K):
+    _, W, H = problem(K=K)
+    fmt = parse_format(name)
+    joint, fixed = gptq(W, H, fmt, support="joint"), gptq(W, H, fmt, support="fixed")
+    t = dequantize(joint, fmt, W.shape)
+    keep = round((1 - fmt.zeros / 100) * K)
+    assert (t != 0).sum(dim=1).tolist() == [keep] * W.shape[0], "every row keeps exactly its share of nonzeros"
+    assert (dequantize(fixed, fmt, W.shape) != 0).sum(dim=1).tolist() == [keep] * W.shape[0]
+    weights = calibration_loss(W, H, quantize(W, fmt), fmt)
+    assert calibration_loss(W, H, joint, fmt) < 0.99 * calibration_loss(W, H, fixed, fmt)
+    assert calibration_loss(W, H, joint, fmt) < 0.99 * weights
+
+
+def test_threshold_first_keeps_the_weight_only_support():
+    _, W, H = problem()
+    fmt = parse_format("ternary-z80")
+    assert torch.equal(dequantize(gptq(W, H, fmt, support="fixed"), fmt, W.shape) != 0,
+                       dequantize(quantize(W, fmt), fmt, W.shape) != 0)
+
+
 def test_no_cholesky_factor_is_none():
     _, W, H = problem()
     assert gptq(W, -H, parse_format("int4-g32")) is None
+    assert gptq(W, -H, parse_format("ternary-z80")) is None
 
 
-def test_sparse_ternary_and_int8_stay_weight_only():
-    assert not supports(parse_format("ternary-z80")) and not supports(parse_format("int8"))
+def test_int8_and_adaptive_stay_weight_only():
+    assert not supports(parse_format("int8")) and not supports(parse_format("int4-adaptive"))
     assert supports(parse_format("ternary")) and supports(parse_format("int2-g32"))
+    assert supports(parse_format("ternary-z80"))

@@ -88,9 +88,12 @@ def test_missing_calibration_file_is_one_line_with_the_fix(tmp_path):
         OffloadConfig(store="disk", store_dir=str(tmp_path / "s"), calibration=str(tmp_path))
 
 
-def test_killed_calibrated_conversion_resumes_byte_identical(tiny_dir, tmp_path, monkeypatch, text):
+@pytest.mark.parametrize("bits,coder", [(FMT, "lzma"), ("ternary-z80", "dict16"), ("ternary-z90", "lzma")])
+def test_killed_calibrated_conversion_resumes_byte_identical(tiny_dir, tmp_path, monkeypatch, text, bits, coder):
     model_dir = tiny_dir("mixtral")
-    build_store(model_dir, tmp_path / "clean", bits=FMT, progress=False, calibration=str(text))
+    build = lambda out: build_store(model_dir, tmp_path / out, bits=bits, progress=False,  # noqa: E731
+                                    calibration=str(text), entropy_coder=coder)
+    build("clean")
     calls = {"n": 0}
     real = CalibratedCodec.encode
 
@@ -103,12 +106,12 @@ def test_killed_calibrated_conversion_resumes_byte_identical(tiny_dir, tmp_path,
     monkeypatch.setattr(CalibratedCodec, "encode", dying_encode)
     monkeypatch.setattr("offload.store.convert.time.monotonic", iter(range(0, 10**6, 2)).__next__)  # journal every record
     with pytest.raises(KeyboardInterrupt):
-        build_store(model_dir, tmp_path / "resumed", bits=FMT, progress=False, calibration=str(text))
+        build("resumed")
     assert not (tmp_path / "resumed" / INDEX).exists()
     monkeypatch.setattr(CalibratedCodec, "encode", real)
     collected = []
     monkeypatch.setattr(calibrate, "collect", lambda *a, **k: collected.append(1))  # a resume must reuse the cache
-    build_store(model_dir, tmp_path / "resumed", bits=FMT, progress=False, calibration=str(text))
+    build("resumed")
     assert not collected
     assert digest(tmp_path / "resumed") == digest(tmp_path / "clean")
 
