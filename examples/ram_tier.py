@@ -37,7 +37,7 @@ def configs(store_dir: str, bits: str | None) -> list[tuple[str, dict]]:
     ]
 
 
-def per_token(model: OffloadedModel, run) -> dict:
+def per_token(model: OffloadedModel) -> dict:
     """Tier counts and link bytes of the last timed run (the N+1-token generate), per token."""
     s = model.stats()
     n = max(1, s["tokens"])
@@ -68,10 +68,10 @@ def main() -> None:
         for name, m in rows[r % len(rows):] + rows[: r % len(rows)]:
             loader_for(models, m)
             samples[name].append(measure_decode(m, ids, a.tokens, cold=False))
-            tiers[name] = per_token(m, None)
+            tiers[name] = per_token(m)
     base = statistics.median(x["tok_s"] for x in samples["all resident"])
-    print(f"| configuration | tok/s | vs all resident | device hits | RAM hits | disk reads | CPU-computed "
-          f"| KiB/token per link | stall ms/token |")
+    print("| configuration | tok/s | vs all resident | device hits | RAM hits | disk reads | CPU-computed "
+          "| KiB/token per link | stall ms/token |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, m in rows:
         tok_s = statistics.median(x["tok_s"] for x in samples[name])
