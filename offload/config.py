@@ -92,6 +92,8 @@ class OffloadConfig:
 
     calibration: str | None = None      # a text file: quantize experts with GPTQ on its routed activations
                                         # (int4/int3/int2, ternary) when converting the disk store
+    active_experts: float | None = None  # LExI: per-layer top-k averaging this fraction of the model's top-k
+                                        # (0 < f <= 1), chosen from the weights alone; None: the model's top-k
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
         if not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
@@ -138,6 +140,10 @@ class OffloadConfig:
             raise OffloadError(f"dense_bits must be 8 or 4 (or None), got {self.dense_bits!r}")
         if self.dense_bits is not None and str(self.device).startswith("cuda"):
             raise OffloadError("dense_bits runs on torch's CPU int8/int4 kernels; use device='cpu' or dense_bits=None")
+        if self.active_experts is not None and (isinstance(self.active_experts, bool) or not isinstance(
+                self.active_experts, (int, float)) or not 0 < self.active_experts <= 1):
+            raise OffloadError(f"active_experts must be a fraction of the top-k in (0, 1], e.g. active_experts=0.75, "
+                               f"got {self.active_experts!r}")
         if self.context is not None and self.context < 1:
             raise OffloadError(f"context must be a positive number of tokens, got context={self.context}")
         if not 0 <= self.lookahead <= 8:

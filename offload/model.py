@@ -7,6 +7,7 @@ everything else (attention, routers, shared experts, embeddings) loads exactly a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import re
 import weakref
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from transformers.monkey_patching import register_patch_mapping, unregister_patch_mapping
 
 from cache import ExpertCache, Trace, policy_for
+from offload.engine.active_experts import ActiveExperts, check_active_experts
 from offload.store.arch import Arch
 from offload.config import OffloadConfig
 from offload.store.convert import codec_for, open_store
@@ -54,6 +56,8 @@ class OffloadedModel:
         if cfg.dense_bits is not None and source.format.name != "dense":
             raise OffloadError("dense_bits with a packed (FP8/MXFP4) checkpoint is not supported yet; drop "
                                "dense_bits (--dense-bits)")
+        if cfg.active_experts is not None:  # refused (Llama-4, too small a fraction) before anything loads
+            check_active_experts(cfg.active_experts, hf_config, top_k)
         model_dir, num_experts = source.model_dir, source.num_experts
         codec = codec_for(cfg, source, arch)
         slot_bytes = source.layout.nbytes if codec is None else codec.slot_bytes  # dense or quantized compute form
@@ -98,6 +102,9 @@ class OffloadedModel:
                 module.engine = engine
                 if not hasattr(module, "is_transposed"):  # undecorated classes (Llama-4) carry no flags
                     module.is_transposed = arch.transposed
+        if cfg.active_experts is not None:
+            engine.active = ActiveExperts.for_model(cfg.active_experts, model, engine, hf_config)
+            plan = dataclasses.replace(plan, active_experts=engine.active.describe())
         return cls(model, engine, cfg, arch, source, plan, _load_tokenizer(model_dir), hooks)
 
     # --- running ---------------------------------------------------------------------------------
@@ -131,6 +138,7 @@ class OffloadedModel:
             "capacity_experts": e.cache.capacity, "capacity_bytes": e.slots.nbytes,
             "total_experts": len(self.source.keys()), "expert_bytes": e.slots.record_bytes,
             "store": e.store.tier,
+            "active_experts": None if e.active is None else dict(e.active.k),  # LExI: layer -> its top-k
         }
 
     def trace(self) -> Trace:

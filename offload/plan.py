@@ -39,6 +39,7 @@ class MemoryPlan:
     predictor: str = "none"
     threads: int = 1          # torch CPU threads
     dense_bits: int | None = None  # width of the non-expert linears (None: the model dtype)
+    active_experts: str | None = None  # LExI's per-layer top-k, described (None: the model's top-k everywhere)
 
     @property
     def resident_bytes(self) -> int:
@@ -67,7 +68,7 @@ class MemoryPlan:
             ("cache policy", self.policy),
             ("predictor", self.predictor),
             ("CPU threads", str(self.threads)),
-        ]
+        ] + ([("active experts (LExI)", self.active_experts)] if self.active_experts else [])
 
 
 def kv_bytes_per_token(hf_config, dtype: torch.dtype) -> int:
@@ -130,6 +131,8 @@ def make_plan(cfg: OffloadConfig, hf_config, source: CheckpointSource, expert_by
                       store_bytes=source.expert_disk_bytes() if cfg.store == "ram" else total * expert_bytes,
                       capacity=min(capacity, total), top_k=top_k, bits=_format_name(cfg), policy=cfg.policy,
                       predictor=_predictor_name(cfg), threads=torch.get_num_threads(), dense_bits=cfg.dense_bits,
+                      active_experts=None if cfg.active_experts is None else
+                      f"{cfg.active_experts:g} of top-{top_k} per token; per-layer k chosen once the routers load",
                       capped_from=cfg.cache_experts if isinstance(cfg.cache_experts, int) and cfg.cache_experts > total
                       else None)
 

@@ -51,6 +51,7 @@ class Engine:
         # docs/benchmarks/prefetch.md.
         self._step = 0                        # MoE layer calls so far
         self._last_use: dict = {}             # key -> the step it was last used in
+        self.active = None                    # ActiveExperts (LExI): trims each layer's top-k; None: the model's
 
     # --- one layer -------------------------------------------------------------------------------
     def run_layer(self, module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor | None,
@@ -58,6 +59,8 @@ class Engine:
         if torch.is_grad_enabled():  # a plain forward outside inference mode: experts are never trained
             with torch.no_grad():
                 return self.run_layer(module, hidden, top_k_index, top_k_weights)
+        if self.active is not None:
+            top_k_index, top_k_weights = self.active.trim(module.layer_idx, top_k_index, top_k_weights)
         if top_k_index is None:  # Llama-4 hands every token to every expert, pre-scaled by its score
             return self._run_replicated(module, hidden)
         if hidden.shape[0] == 1:
