@@ -102,10 +102,12 @@ class OffloadedModel:
                 module.engine = engine
                 if not hasattr(module, "is_transposed"):  # undecorated classes (Llama-4) carry no flags
                     module.is_transposed = arch.transposed
+        loaded = cls(model, engine, cfg, arch, source, plan, _load_tokenizer(model_dir), hooks)
         if cfg.active_experts is not None:
-            engine.active = ActiveExperts.for_model(cfg.active_experts, model, engine, hf_config)
-            plan = dataclasses.replace(plan, active_experts=engine.active.describe())
-        return cls(model, engine, cfg, arch, source, plan, _load_tokenizer(model_dir), hooks)
+            engine.active = ActiveExperts.for_model(cfg.active_experts, loaded, hf_config)
+            loaded.plan = dataclasses.replace(plan, active_experts=engine.active.describe())
+            loaded.reset_cache()  # choosing may have run the model: start cold, counters at zero
+        return loaded
 
     # --- running ---------------------------------------------------------------------------------
     @torch.inference_mode()

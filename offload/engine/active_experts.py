@@ -1,8 +1,8 @@
 """LExI: a top-k of its own for each MoE layer, chosen from the weights alone.
 
-`ActiveExperts.choose` sends fixed random tokens (Gaussian, through the layer's own pre-MoE norm, so they are
-scaled like its real input) through each layer's router and stored experts, and measures how much the routed
-output changes when only the first k' < k of the router's choices are kept (`damage`). A budget of
+`measure_damage` runs the model once on fixed random token ids (no data), and for each MoE layer sends the
+inputs it saw through its router and stored experts, measuring how much the routed output changes, relative
+to the residual stream, when only the first k' < k of the router's choices are kept. A budget of
 FRACTION * k * layers expert evaluations per token is then spent greedily: starting from k everywhere, one
 expert at a time is taken from the layer where that costs the least damage, each layer keeping at least one.
 `trim` applies it to transformers' routing result; routing itself is never re-implemented.
@@ -29,7 +29,7 @@ from offload.engine.slots import SlotPool
 from offload.errors import OffloadError
 from offload.store.disk import aligned_buffer
 
-SAMPLES = 256          # random tokens per layer: damage ratios settle to ~1% between seeds at this count
+SAMPLES = 256          # random token ids in the one measuring forward (at most the model's context)
 SEED = 0
 CACHE = "active_experts.json"  # the damage table, kept in a disk store's directory (a ram store measures per load)
 CACHE_VERSION = 1
@@ -121,13 +121,15 @@ class ActiveExperts:
         return cls(k, top_k, routing, damage)
 
     @classmethod
-    def for_model(cls, fraction: float, model: nn.Module, engine, hf_config) -> ActiveExperts:
-        """The per-layer k of a loaded model: its damage table from a disk store's cache, else measured."""
+    def for_model(cls, fraction: float, offloaded, hf_config) -> ActiveExperts:
+        """The per-layer k of a loaded OffloadedModel: its damage table from a disk store's cache, else measured
+        (which runs the model once: reset its cache afterwards)."""
+        engine = offloaded.engine
         routing = routing_for(hf_config)
         path = Path(engine.store.dir) / CACHE if getattr(engine.store, "dir", None) is not None else None
         damage = _read_cache(path, engine.store) if path is not None else None
         if damage is None:
-            damage = measure_damage(model, engine, routing)
+            damage = measure_damage(offloaded, routing)
             if path is not None:
                 _write_cache(path, engine.store, damage)
         return cls.choose(fraction, damage, engine.top_k, routing)
@@ -150,43 +152,55 @@ def trim(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, k: int, routing
 
 
 # --- measuring the damage ---------------------------------------------------------------------------
-@torch.no_grad()
-def measure_damage(model: nn.Module, engine, routing: Routing, samples: int = SAMPLES,
-                   seed: int = SEED) -> dict[int, list[float]]:
-    """{layer: [relative change of the routed output with 1..k experts kept]}, from random inputs and the
-    stored experts (read through the engine's store and codec into a scratch slot: the cache is untouched)."""
+@torch.inference_mode()
+def measure_damage(offloaded, routing: Routing, samples: int = SAMPLES, seed: int = SEED) -> dict[int, list[float]]:
+    """{layer: [change of the routed output with 1..k experts kept, relative to the residual stream it is
+    added to]}. One forward of `samples` random token ids supplies each MoE layer's input and stream; the
+    experts are then read through the engine's store and codec into a scratch slot (the cache is untouched).
+
+    Relative to the stream, not to the layer's own output: on the demo, top-1 at layer 0 costs +3.2%
+    perplexity and at layer 2 +0.02%, yet both lose ~70% of their own output on Gaussian inputs; the stream
+    is what the change is added to, and it is small at layer 0 (measured: docs/formats.md, LExI)."""
     from predictors import find_routers
 
-    routers = find_routers(model)
-    decoder = {int(m.group(1)): mod for name, mod in model.named_modules() if (m := _DECODER_LAYER.search(name))}
+    model, engine = offloaded.model, offloaded.engine
     experts = {mod.layer_idx: mod for mod in model.modules()
                if getattr(mod, "layer_idx", None) is not None and hasattr(mod, "engine")}
+    decoder = {int(m.group(1)): mod for name, mod in model.named_modules() if (m := _DECODER_LAYER.search(name))}
+    inputs, streams, hooks = {}, {}, []
+    for layer, mod in experts.items():
+        hooks.append(mod.register_forward_pre_hook(lambda _m, args, layer=layer: inputs.__setitem__(layer, args[0])))
+        norm = getattr(decoder.get(layer), "post_attention_layernorm", None)  # its input is the stream
+        if norm is not None:
+            hooks.append(norm.register_forward_pre_hook(
+                lambda _m, args, layer=layer: streams.__setitem__(layer, float(args[0].float().norm()))))
+    config = model.config.get_text_config()
+    n = min(samples, getattr(config, "max_position_embeddings", samples) or samples)
+    ids = torch.randint(0, config.vocab_size, (1, n), generator=torch.Generator().manual_seed(seed))
+    try:
+        offloaded(ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    routers = find_routers(model)
     reader = _ExpertReader(engine)
-    param = next(iter(routers.values())).weight
-    H = param.shape[1]
-    dtype = model.dtype
     damage = {}
     for layer in engine.moe_layers:
-        g = torch.Generator().manual_seed(seed + layer)
-        x = torch.randn(samples, H, generator=g).to(dtype).to(param.device)          # [N, H]
-        norm = getattr(decoder.get(layer), "post_attention_layernorm", None)
-        if norm is not None:
-            x = norm(x)
+        x = inputs[layer].reshape(-1, inputs[layer].shape[-1])                     # [N, H]
         _logits, weights, index = routers[layer].forward(x)                        # [N, k] each
         index = index.long()
-        outs = torch.zeros(*index.shape, H, dtype=torch.float32, device=x.device)   # [N, k, H] per column
+        outs = torch.zeros(*index.shape, x.shape[1], dtype=torch.float32, device=x.device)  # [N, k, H]
         for e in index.unique().tolist():
             rows, cols = torch.where(index == e)
             outs[rows, cols] = reader.ffn(experts[layer], (layer, e), x[rows]).float()
-        full = None
-        changes = []
+        scale = streams.get(layer) or float(x.float().norm())  # no norm found: relative to the layer's input
+        full, changes = None, []
         for kk in range(engine.top_k, 0, -1):
             i, w = trim(index, weights, kk, routing)
             cols = _columns(index, i)                                                # [N, kk]
-            y = (outs.gather(1, cols[..., None].expand(-1, -1, H)) * w.float()[..., None]).sum(1)  # [N, H]
-            if full is None:
-                full = y
-            changes.append(float((y - full).norm() / full.norm().clamp_min(1e-30)))
+            y = (outs.gather(1, cols[..., None].expand(-1, -1, x.shape[1])) * w.float()[..., None]).sum(1)  # [N, H]
+            full = y if full is None else full
+            changes.append(float((y - full).norm()) / max(scale, 1e-30))
         damage[layer] = changes[::-1]
     return damage
 
