@@ -37,6 +37,8 @@ def run(
     threads: int = typer.Option(1, min=1, help="torch CPU threads"),
     dense_bits: Optional[int] = typer.Option(None, help="non-expert linears at 8 or 4 bits",
                                              show_default="the checkpoint dtype"),
+    active_experts: Optional[float] = typer.Option(None, help="LExI: per-layer top-k averaging this fraction of the "
+                                                   "model's top-k (0 < F <= 1)", show_default="the model's top-k"),
 ) -> None:
     """Real decode on this machine: every configuration side by side in one process, alternating, medians."""
     from offload.bench import costmodel as cm
@@ -50,7 +52,8 @@ def run(
         pols = split_list(policy) or ["lru"]
         preds = split_list(predictor) or ["none"]
         total, expert_bytes = expert_pool(model_dir)
-        opts = {"store": store, "store_dir": str(store_dir) if store_dir else None, "dense_bits": dense_bits}
+        opts = {"store": store, "store_dir": str(store_dir) if store_dir else None, "dense_bits": dense_bits,
+                "active_experts": active_experts}
         configs = [("all resident", dict(cache_experts=total, policy="lru"))]
         for c, p, pr in itertools.product(sizes, pols, preds):
             slots = min(total, c.slots(total, expert_bytes))

@@ -45,6 +45,9 @@ def chat(
                                        "int4-g32, ternary-z90, ...", show_default="16: the checkpoint's dtype"),
     dense_bits: Optional[int] = typer.Option(None, help="non-expert linears (attention, shared experts, lm_head): "
                                              "8 or 4 bits", show_default="the checkpoint's dtype"),
+    active_experts: Optional[float] = typer.Option(None, help="LExI: per-layer top-k averaging this fraction of the "
+                                                   "model's top-k, chosen from the weights alone (0 < F <= 1)",
+                                                   show_default="the model's top-k"),
     policy: str = typer.Option("lru", help=f"cache eviction policy: {', '.join(ONLINE_POLICIES)}"),
     predictor: Optional[str] = typer.Option(None, help="expert predictor for prefetch: gate, previous, ...",
                                             show_default="none: experts load on demand"),
@@ -69,7 +72,8 @@ def chat(
     try:
         model = load(model_dir, console, quiet=False, device=device, dtype=dtype, cache_experts=cache_experts,
                      cache_memory=cache_memory, store=store, store_dir=str(store_dir) if store_dir else None,
-                     bits=bits_option(bits), dense_bits=dense_bits, policy=policy, predictor=predictor, lookahead=lookahead, context=context)
+                     bits=bits_option(bits), dense_bits=dense_bits, policy=policy, predictor=predictor, lookahead=lookahead, context=context,
+                     active_experts=active_experts)
         if model.tokenizer is None:
             fail(f"{model.source.model_dir} has no tokenizer files; offload-chat needs the checkpoint's tokenizer")
         if seed is not None:

@@ -27,7 +27,8 @@ err = Console(stderr=True)
 FLAGS = {"device": "--device", "dtype": "--dtype", "store": "--store", "store_dir": "--store-dir", "bits": "--bits",
          "cache_experts": "--cache-experts", "cache_memory": "--cache-memory", "policy": "--policy",
          "predictor": "--predictor", "lookahead": "--lookahead", "context": "--context",
-         "prefetch_width": "--width", "prefetch_min_precision": "--min-precision", "direct_io": "--direct-io"}
+         "prefetch_width": "--width", "prefetch_min_precision": "--min-precision", "direct_io": "--direct-io",
+         "active_experts": "--active-experts"}
 _OPTION = re.compile(r"(?<![\w-])(" + "|".join(FLAGS) + r")=('[^']*'|\"[^\"]*\"|[^\s,;)]*[^\s,;).])")
 
 

@@ -83,6 +83,8 @@ def serve(
     store: str = typer.Option("ram", help="ram (checkpoint, mmap) or disk (converted store)"),
     store_dir: Optional[Path] = typer.Option(None, help="directory of the disk store"),
     bits: Optional[str] = typer.Option(None, help="expert format: 16, 8, 4, 3, 2, ternary, int4-g64, ternary-z90, ..."),
+    active_experts: Optional[float] = typer.Option(None, help="LExI: per-layer top-k averaging this fraction of the "
+                                                   "model's top-k (0 < F <= 1) [default: the model's top-k]"),
     policy: str = typer.Option("lru", help="cache eviction policy"),
     predictor: Optional[str] = typer.Option(None, help="expert predictor for prefetch: gate, previous, ..."),
     lookahead: int = typer.Option(1, help="MoE layers the predictor looks ahead"),
@@ -98,7 +100,7 @@ def serve(
     sock = bind(host, port)
     options = dict(device=device, dtype=dtype, cache_experts=cache_experts, cache_memory=cache_memory, store=store,
                    store_dir=str(store_dir) if store_dir else None, bits=bits_option(bits), policy=policy,
-                   predictor=predictor, lookahead=lookahead, context=context)
+                   predictor=predictor, lookahead=lookahead, context=context, active_experts=active_experts)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     err.print(f"loading {path} ...")
     try:
