@@ -2,6 +2,9 @@
 side by side in one process (see docs/formats.md, "Per-layer active experts (LExI)").
 
   PYTHONPATH=. python examples/active_experts.py [--fractions 1,0.875,0.75,0.5] [--rounds 5] [--json FILE]
+  PYTHONPATH=. python examples/active_experts.py --every-allocation 0.75
+
+--every-allocation F: perplexity of every per-layer k with F's budget (what LExI's choice is up against).
 
 Every fraction is loaded at once with cache_experts="25%" and store="ram" (no predictor). Quality: perplexity
 on the first 2048 tokens of offload/demo_model/heldout.txt (offload.bench.formats.perplexity, window 512), greedy
@@ -12,6 +15,7 @@ measured alternately, --rounds times, medians.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 
@@ -21,6 +25,7 @@ from offload import OffloadedModel
 from offload.bench.common import measure_decode
 from offload.bench.formats import agreement, greedy, heldout_ids, perplexity
 from offload.cli.common import DEMO_MODEL
+from offload.engine.active_experts import ActiveExperts
 
 
 def main() -> None:
@@ -28,8 +33,11 @@ def main() -> None:
     ap.add_argument("--fractions", default="1,0.875,0.75,0.5")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--every-allocation", type=float, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.every_allocation is not None:
+        return every_allocation(args.every_allocation)
     fractions = [float(f) for f in args.fractions.split(",")]
     models = {f: OffloadedModel.from_pretrained(DEMO_MODEL, cache_experts="25%", store="ram", active_experts=f)
               for f in fractions}
@@ -67,6 +75,25 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({str(f): r for f, r in rows.items()}, fh, indent=1, default=str)
+
+
+def every_allocation(fraction: float) -> None:
+    """Perplexity of each per-layer k spending `fraction`'s budget, LExI's own choice marked."""
+    with OffloadedModel.from_pretrained(DEMO_MODEL, cache_experts="100%", active_experts=fraction) as m:
+        chosen, top_k = m.engine.active, m.engine.top_k
+        ids = heldout_ids(m.tokenizer, DEMO_MODEL / "heldout.txt", 2048)
+        layers = sorted(chosen.k)
+        with torch.inference_mode():
+            m.engine.active = None
+            base, _ = perplexity(m, ids, 512)
+            print(f"| per-layer k | perplexity | vs all top-{top_k} |\n|---|---|---|")
+            for ks in itertools.product(range(1, top_k + 1), repeat=len(layers)):
+                if sum(ks) != chosen.per_token():
+                    continue
+                m.engine.active = ActiveExperts(dict(zip(layers, ks)), top_k, chosen.routing)
+                ppl, _ = perplexity(m, ids, 512)
+                mark = " (LExI)" if list(ks) == [chosen.k[layer] for layer in layers] else ""
+                print(f"| {' '.join(map(str, ks))}{mark} | {ppl:.3f} | {100 * (ppl / base - 1):+.1f}% |")
 
 
 if __name__ == "__main__":
