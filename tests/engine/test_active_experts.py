@@ -123,6 +123,19 @@ def test_hits_plus_misses_per_token_are_the_trimmed_k(top4):
     assert s["misses"] > 0
 
 
+def test_trace_records_the_trimmed_routing_and_replays_to_the_engine_counts(top4):
+    from cache.simulate import replay
+
+    with OffloadedModel.from_pretrained(top4("mixtral"), cache_experts=5, active_experts=0.5, trace=True) as m:
+        k = m.stats()["active_experts"]
+        m.generate(prompt(3), max_new_tokens=6, do_sample=False)
+        s, trace = m.stats(), m.trace()
+    per_layer = trace.valid.sum(axis=-1)  # [T, L]: experts recorded per token and layer
+    assert (per_layer == [k[layer] for layer in trace.moe_layers]).all()
+    sim = replay(trace, "lru", 5, batched_prefill=True)
+    assert (sim.hits, sim.misses) == (s["hits"], s["misses"])
+
+
 # --- known answers ---------------------------------------------------------------------------------
 def test_trim_keeps_the_best_columns_and_renormalises_where_the_router_does():
     idx = torch.tensor([[5, 2, 7]])
