@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ARCHS
 from tiny_models import build
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -100,6 +101,20 @@ def test_half_equals_transformers_routing_trimmed_the_same_way(name, top4):
         got = greedy(m, ids)
     assert torch.equal(got, greedy(trimmed_reference(path, k, normalised, by_score), ids)), name
     assert torch.equal(got, greedy(fewer_reference(path, k), ids)), f"{name}: differs from its router at top-k'"
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "llama4_text"])
+def test_top1_equals_each_architectures_router_at_top1(arch, tiny_dir):
+    """Every architecture's trim and renormalisation (top-2 -> 1 everywhere) against its own router asked for one
+    expert; Phi's sparsemixer always picks two, so its reference drops the second, weights untouched."""
+    path = tiny_dir(arch)
+    ids = prompt(1)
+    with OffloadedModel.from_pretrained(path, cache_experts=4, active_experts=0.5) as m:
+        k = m.stats()["active_experts"]
+        assert set(k.values()) == {1}
+        got = greedy(m, ids)
+    ref = trimmed_reference(path, k, False, True) if arch == "phimoe" else fewer_reference(path, k)
+    assert torch.equal(got, greedy(ref, ids)), arch
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_norm"])
