@@ -213,14 +213,19 @@ class Engine:
         wanted = self.predictor.predict(layer, hidden)
         keys = []
         for tl, ids in wanted.items():
-            ids = ids[: self.prefetch_width]
+            k = self._k(tl)
+            ids = ids[: self.prefetch_width - self.top_k + k]  # a trimmed layer keeps the same margin beyond k
             if decode:
                 self._predicted[tl] = ids
             if self._paused(tl):
                 self.stats.prefetch_suppressed += len(ids)
             else:  # the layer computes its experts in ascending id order: load the likeliest k in that order
-                keys += [(tl, e) for e in sorted(ids[: self.top_k]) + ids[self.top_k:]]
+                keys += [(tl, e) for e in sorted(ids[:k]) + ids[k:]]
         self.prefetcher.submit(keys, self._protected)
+
+    def _k(self, layer: int) -> int:
+        """Experts `layer` computes per token: the model's top-k, or its own under active_experts (LExI)."""
+        return self.top_k if self.active is None else self.active.k[layer]
 
     def _protected(self, key) -> bool:
         """Whether a prefetch must not evict `key`: used during the last pass over the layers, or of a layer
@@ -241,7 +246,7 @@ class Engine:
                 self.prefetcher.cancel((layer, e))
             # precision of the top-k guess alone, so that the pause threshold means the same at any width
             # (ids beyond k are the next likeliest, a margin for a near miss)
-            guess = set(predicted[: self.top_k])
+            guess = set(predicted[: self._k(layer)])
             hit = len(guess.intersection(chosen)) / len(guess)
             p = self._precision.get(layer, 1.0)
             self._precision[layer] = p + self._precision_rate * (hit - p)

@@ -151,6 +151,28 @@ def test_trace_records_the_trimmed_routing_and_replays_to_the_engine_counts(top4
     assert (sim.hits, sim.misses) == (s["hits"], s["misses"])
 
 
+def test_prefetch_guesses_and_scores_each_layer_at_its_own_k(tiny_dir):
+    """A layer trimmed to k' is guessed k' wide (the default width is top-k) and its precision is scored against
+    its k' choices, so a right top-1 guess counts as right, not as half right."""
+    path = tiny_dir("mixtral")
+    ids = prompt(7)
+    with OffloadedModel.from_pretrained(path, cache_experts=6, active_experts=0.5) as m:
+        want = greedy(m, ids)
+    with OffloadedModel.from_pretrained(path, cache_experts=6, active_experts=0.5, predictor="gate",
+                                        prefetch_min_precision=0.0) as m:
+        assert set(m.stats()["active_experts"].values()) == {1}
+        assert torch.equal(greedy(m, ids), want)
+        s = m.stats()
+        forwards = want.shape[1] - ids.shape[1]  # one prefill and n - 1 decode steps
+        targets = len(m.engine.moe_layers) - 1    # lookahead 1: every layer but the first is predicted
+        assert 0 < s["prefetch_issued"] + s["prefetch_suppressed"] <= forwards * targets * 1
+        layer = m.engine.moe_layers[1]
+        m.engine._precision[layer] = 1.0
+        m.engine._predicted[layer] = [5]
+        m.engine._score(layer, torch.tensor([[5]]))
+        assert m.engine._precision[layer] == 1.0
+
+
 # --- known answers ---------------------------------------------------------------------------------
 def test_trim_keeps_the_best_columns_and_renormalises_where_the_router_does():
     idx = torch.tensor([[5, 2, 7]])
