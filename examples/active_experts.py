@@ -4,7 +4,10 @@ side by side in one process (see docs/formats.md, "Per-layer active experts (LEx
   PYTHONPATH=. python examples/active_experts.py [--fractions 1,0.875,0.75,0.5] [--rounds 5] [--json FILE]
   PYTHONPATH=. python examples/active_experts.py --every-allocation 0.75
 
+  PYTHONPATH=. python examples/active_experts.py --prefetch --fractions 1,0.75
+
 --every-allocation F: perplexity of every per-layer k with F's budget (what LExI's choice is up against).
+--prefetch: hits, misses and prefetch counts over 48 greedy tokens with the gate predictor (lookahead 0).
 
 Every fraction is loaded at once with cache_experts="25%" and store="ram" (no predictor). Quality: perplexity
 on the first 2048 tokens of offload/demo_model/heldout.txt (offload.bench.formats.perplexity, window 512), greedy
@@ -34,8 +37,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", default=None)
     ap.add_argument("--every-allocation", type=float, default=None)
+    ap.add_argument("--prefetch", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.prefetch:
+        return prefetch([float(f) for f in args.fractions.split(",")])
     if args.every_allocation is not None:
         return every_allocation(args.every_allocation)
     fractions = [float(f) for f in args.fractions.split(",")]
@@ -94,6 +100,19 @@ def every_allocation(fraction: float) -> None:
                 ppl, _ = perplexity(m, ids, 512)
                 mark = " (LExI)" if list(ks) == [chosen.k[layer] for layer in layers] else ""
                 print(f"| {' '.join(map(str, ks))}{mark} | {ppl:.3f} | {100 * (ppl / base - 1):+.1f}% |")
+
+
+def prefetch(fractions: list[float]) -> None:
+    """What a trimmed layer does to prefetching: gate d=0 at 25% cache, 48 greedy tokens per fraction."""
+    print("| FRACTION | hits | misses | prefetch issued | useful | suppressed | precision |\n|---|---|---|---|---|---|---|")
+    for f in fractions:
+        with OffloadedModel.from_pretrained(DEMO_MODEL, cache_experts="25%", active_experts=f, predictor="gate",
+                                            lookahead=0) as m:
+            ids = heldout_ids(m.tokenizer, DEMO_MODEL / "heldout.txt", 64)[:, :32]
+            greedy(m, ids, 48)
+            s = m.stats()
+            print(f"| {f:g} | {s['hits']} | {s['misses']} | {s['prefetch_issued']} | {s['prefetch_useful']} | "
+                  f"{s['prefetch_suppressed']} | {s['prefetch_precision']:.2f} |")
 
 
 if __name__ == "__main__":
