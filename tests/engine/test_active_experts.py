@@ -230,10 +230,14 @@ def test_llama4_and_too_small_a_fraction_are_refused(tiny_dir):
         OffloadedModel.from_pretrained(tiny_dir("mixtral"), active_experts=0.4)
 
 
+@pytest.mark.parametrize("tool", ["offload-chat", "offload-bench run"])
 @pytest.mark.parametrize("value, message", [("1.5", "--active-experts 0.75"), ("0.3", "give --active-experts 0.5")])
-def test_cli_rejects_bad_values_with_exit_2(tiny_dir, value, message):
+def test_cli_rejects_bad_values_with_exit_2(tiny_dir, tool, value, message):
+    from offload.bench.app import app
     from offload.cli.chat import chat_app
 
-    r = CliRunner().invoke(chat_app, [str(tiny_dir("mixtral")), "--active-experts", value, "--prompt", "w1"])
+    path = str(tiny_dir("mixtral"))
+    args = ([path, "--prompt", "w1"] if tool == "offload-chat" else ["run", path, "--repeats", "1"])
+    r = CliRunner().invoke(chat_app if tool == "offload-chat" else app, args + ["--active-experts", value])
     assert r.exit_code == 2, r.output
     assert message in r.output and "Traceback" not in r.output and "active_experts=" not in r.output, r.output
