@@ -9,7 +9,7 @@ expert at a time is taken from the layer where that costs the least damage, each
 
 Per architecture (`ROUTING`, read from transformers' routers): whether top-k comes sorted by score, and what
 the kept weights must sum to where the router normalises its top-k (None: it does not; keep them as they are).
-Idea: LExI, "Layer-Adaptive Active Experts for Efficient MoE Model Inference" (data-free per-layer top-k).
+Idea: LExI (layer-adaptive active experts: a per-layer top-k found without data), issue #19.
 
 Legend: N random tokens, H hidden size, k the model's top-k, k' a layer's kept experts.
 """
@@ -116,7 +116,7 @@ class ActiveExperts:
         for _ in range(top_k * len(layers) - budget):
             # the cheapest next removal; ties go to the earlier layer, so the choice is deterministic
             layer = min((layer for layer in layers if k[layer] > 1),
-                        key=lambda l: damage[l][k[l] - 2] - damage[l][k[l] - 1])
+                        key=lambda n: damage[n][k[n] - 2] - damage[n][k[n] - 1])
             k[layer] -= 1
         return cls(k, top_k, routing, damage)
 
