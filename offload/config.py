@@ -14,6 +14,7 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 STORES = ("ram", "disk")
+MISS_MODES = ("auto", "copy", "cpu")
 
 
 def parse_bytes(value: int | str) -> int:
@@ -92,8 +93,15 @@ class OffloadConfig:
 
     calibration: str | None = None      # a text file: quantize experts with GPTQ on its routed activations
                                         # (int4/int3/int2, ternary) when converting the disk store
+    ram_memory: int | str | None = None  # RAM tier of stored records between the disk store and the device:
+                                        # 64GiB, "50%" of all records, or "auto" (free RAM minus headroom)
+    miss: str = "auto"                  # a device miss whose record is in RAM: copy it into a device slot, compute
+                                        # it on the CPU from RAM, or auto (the cost model measured at load)
+    hot_trace: str | None = None        # a routing trace (.npz): its most used experts stay pinned in half the
+                                        # device slots (a static hot set), the rest is a dynamic cache
     active_experts: float | None = None  # LExI: per-layer top-k averaging this fraction of the model's top-k
                                         # (0 < f <= 1), chosen from the weights alone; None: the model's top-k
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
         if not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
@@ -140,6 +148,19 @@ class OffloadConfig:
             raise OffloadError(f"dense_bits must be 8 or 4 (or None), got {self.dense_bits!r}")
         if self.dense_bits is not None and str(self.device).startswith("cuda"):
             raise OffloadError("dense_bits runs on torch's CPU int8/int4 kernels; use device='cpu' or dense_bits=None")
+        if self.ram_memory is not None:
+            self._check_ram_memory()
+        if self.miss not in MISS_MODES:
+            raise OffloadError(f"miss must be one of {', '.join(MISS_MODES)}, got miss={self.miss!r}")
+        if self.miss == "cpu" and self.ram_memory is None:
+            raise OffloadError("miss='cpu' computes experts from their RAM-tier records; give ram_memory=SIZE "
+                               "(or 'auto'), or drop miss")
+        if self.hot_trace is not None:
+            from pathlib import Path
+
+            if not Path(self.hot_trace).is_file():
+                raise OffloadError(f"routing trace {self.hot_trace} not found; record one with offload-bench trace "
+                                   f"(--hot-trace FILE)")
         if self.active_experts is not None and (isinstance(self.active_experts, bool) or not isinstance(
                 self.active_experts, (int, float)) or not 0 < self.active_experts <= 1):
             raise OffloadError(f"active_experts must be a fraction of the top-k in (0, 1], e.g. active_experts=0.75, "
@@ -172,6 +193,20 @@ class OffloadConfig:
                                f"(offload-bench policies); for a model choose one of: {', '.join(policies)}")
         if self.policy not in policies:
             raise OffloadError(f"unknown policy {self.policy!r}; choose one of: {', '.join(policies)}")
+
+    def _check_ram_memory(self) -> None:
+        given = self.ram_memory
+        if self.store != "disk":
+            raise OffloadError(f"ram_memory={given!r} is a RAM tier in front of a converted store; add "
+                               f"store_dir=PATH (store='ram' already reads the checkpoint through the page cache)")
+        if given == "auto":
+            return
+        share = parse_share(given)
+        if share is None:
+            object.__setattr__(self, "ram_memory", parse_bytes(given))
+        if not (0 < share <= 1 if share is not None else self.ram_memory > 0):
+            raise OffloadError(f"ram_memory={given!r} is not a positive size, a share of all expert records or "
+                               f"'auto'; write it like ram_memory=64GiB, ram_memory='50%' or ram_memory=auto")
 
     @classmethod
     def from_options(cls, **options) -> OffloadConfig:

@@ -24,6 +24,10 @@ from offload.store.arch import Arch
 from offload.config import OffloadConfig
 from offload.store.convert import codec_for, open_store
 from offload.engine.step import Engine
+from offload.engine.costs import measure_costs
+from offload.engine.miss import miss_policy
+from offload.engine.ram_tier import RamTier
+from offload.formats.record import RecordCodec
 from offload.errors import OffloadError
 from offload.engine.experts import offloaded_class
 from offload.engine.hooks import hook_attention_outputs, hook_layer_entries
@@ -61,7 +65,11 @@ class OffloadedModel:
         model_dir, num_experts = source.model_dir, source.num_experts
         codec = codec_for(cfg, source, arch)
         slot_bytes = source.layout.nbytes if codec is None else codec.slot_bytes  # dense or quantized compute form
-        plan = make_plan(cfg, hf_config, source, slot_bytes, top_k)
+        host_codec = None if codec is None else RecordCodec(codec.dense, codec.rule, codec.transposed, torch.device("cpu"))
+        # a RAM record: compute form on a CPU engine (computed in place), as stored next to a GPU
+        host_bytes = (source.layout.nbytes if codec is None else
+                      host_codec.slot_bytes if cfg.device == "cpu" else codec.record_bytes)
+        plan = make_plan(cfg, hf_config, source, slot_bytes, top_k, host_bytes)
         if on_plan is not None:
             on_plan(plan)
         store = open_store(cfg, source, codec, progress)
@@ -87,12 +95,35 @@ class OffloadedModel:
         tracer = (Tracer(moe_layers, num_experts, top_k, hf_config.model_type, store.record_bytes)
                   if cfg.trace else None)
         worker = _prefetch_worker(cfg, device)
+        ram = None
+        if plan.ram_capacity and not plan.in_place:  # a RAM tier of its own, feeding the device slots
+            n = plan.ram_capacity
+            ram = RamTier(store, ExpertCache(n, make_cache_policy(cfg.policy, n, moe_layers, top_k)), host_bytes,
+                          transform=_host_transform(host_codec, store) if device.type == "cpu" else None,
+                          worker=worker, pinned=device.type == "cuda")
+            worker = "thread"  # the device slots load from RAM on demand; the RAM tier takes the prefetches
         slots = SlotPool(capacity, slot_bytes, device, shared=worker == "process")
-        engine = Engine(store, ExpertCache(capacity, make_cache_policy(cfg.policy, capacity, moe_layers, top_k)),
-                        slots, num_experts, top_k, moe_layers,
+        cache = ExpertCache(capacity, make_cache_policy(cfg.policy, capacity, moe_layers, top_k))
+        miss = None
+        if ram is not None:
+            shapes = [(s.shape[1], s.shape[0]) if arch.transposed else tuple(s.shape)
+                      for s in source.layout.specs if s.name in ("gate_up", "down")]
+            costs = measure_costs(store, ram, codec, host_codec, device, shapes) if cfg.miss == "auto" else None
+            miss = miss_policy(cfg.miss, costs, cache.stats)
+        engine = Engine(store, cache, slots, num_experts, top_k, moe_layers,
                         predictor=_predictor(cfg, model, moe_layers, num_experts, top_k),
                         prefetch_width=cfg.prefetch_width, codec=codec, tracer=tracer,
-                        min_precision=cfg.prefetch_min_precision, worker=worker)
+                        min_precision=cfg.prefetch_min_precision, worker=worker, ram=ram, miss=miss,
+                        host_codec=host_codec, tier="ram" if plan.in_place else "device")
+        if cfg.hot_trace is not None:
+            from offload.engine.hot_set import hot_keys
+
+            engine.pin_hot(hot_keys(cfg.hot_trace, moe_layers, num_experts, capacity, top_k))
+            engine.stats.reset()
+            cache.stats.hits = cache.stats.misses = cache.stats.evictions = 0
+            if ram is not None:
+                ram.stats.reset()
+                ram.cache.stats.hits = ram.cache.stats.misses = ram.cache.stats.evictions = 0
         hooks = []
         if engine.entry:
             hooks = (hook_layer_entries(model, moe_layers, engine.enter)
@@ -140,6 +171,9 @@ class OffloadedModel:
             "capacity_experts": e.cache.capacity, "capacity_bytes": e.slots.nbytes,
             "total_experts": len(self.source.keys()), "expert_bytes": e.slots.record_bytes,
             "store": e.store.tier,
+            "tiers": e.tier_counts(), "links": e.link_stats(),
+            "ram_experts": len(e.ram.cache) if e.ram is not None else 0,
+            "ram_capacity_experts": e.ram.capacity if e.ram is not None else 0,
             "active_experts": None if e.active is None else dict(e.active.k),  # LExI: layer -> its top-k
         }
 
@@ -152,19 +186,27 @@ class OffloadedModel:
     def reset_cache(self) -> None:
         """Empty the expert cache and restart its policy and predictor: the next run starts cold."""
         e = self.engine
-        e.prefetcher.drain()
-        for key in e.cache.keys():
-            e.cache.remove(key)
-        e.cache.policy = make_cache_policy(self.config.policy, e.cache.capacity, e.moe_layers, e.top_k)
+        for key in e.hot:
+            e.cache.unpin(key)
+        for tier in (e, e.ram) if e.ram is not None else (e,):
+            tier.prefetcher.drain()
+            for key in tier.cache.keys():
+                tier.cache.remove(key)
+            tier.cache.policy = make_cache_policy(self.config.policy, tier.cache.capacity, e.moe_layers, e.top_k)
+        e.pin_hot(e.hot)  # the static hot set outlives a reset: it is placement, not cache state
         e.reset_prediction()
         if e.tracer is not None:
             e.tracer.reset()
         self.reset_stats()
 
     def reset_stats(self) -> None:
-        self.engine.stats.reset()
-        c = self.engine.cache.stats
-        c.hits = c.misses = c.evictions = c.prefetch_inserts = 0
+        e = self.engine
+        e.stats.reset()
+        e.cpu_experts = 0
+        for c in (e.cache.stats, e.ram.cache.stats) if e.ram is not None else (e.cache.stats,):
+            c.hits = c.misses = c.evictions = c.prefetch_inserts = 0
+        if e.ram is not None:
+            e.ram.stats.reset()
 
     def close(self) -> None:
         """Stop the prefetch worker and close the store (also done when the model is garbage-collected)."""
@@ -183,6 +225,13 @@ def _shutdown(engine: Engine, hooks: list) -> None:
         handle.remove()
     engine.close()
     engine.store.close()
+
+
+def _host_transform(codec, store):
+    """Stored record -> CPU compute form, as a CPU RAM tier keeps it (None: dense records are kept as stored)."""
+    if codec is None:
+        return None
+    return lambda key, record, slot: codec.transform(store.format_of(key), record, slot)
 
 
 def make_cache_policy(name: str, capacity: int, moe_layers: list[int], top_k: int):

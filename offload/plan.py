@@ -39,6 +39,11 @@ class MemoryPlan:
     predictor: str = "none"
     threads: int = 1          # torch CPU threads
     dense_bits: int | None = None  # width of the non-expert linears (None: the model dtype)
+    ram_capacity: int = 0     # records in the RAM tier (0: none; misses read the store)
+    ram_record_bytes: int = 0  # one record as the RAM tier holds it
+    miss: str = "copy"        # what a device miss served from RAM does (offload.engine.miss)
+    in_place: bool = False    # CPU: the resident slots are the RAM tier, computed in place
+    hot_trace: str | None = None  # the routing trace whose most used experts are pinned in half the slots
     active_experts: str | None = None  # LExI's per-layer top-k, described (None: the model's top-k everywhere)
 
     @property
@@ -65,10 +70,64 @@ class MemoryPlan:
                                  f"({100 * self.capacity / self.total_experts:.0f}%, {size(self.resident_bytes)})"
                                  + (f"; cache_experts={self.capped_from} capped to the model's {self.total_experts}"
                                     if self.capped_from is not None else "")),
+            ("tiers", self.tiers()),
             ("cache policy", self.policy),
             ("predictor", self.predictor),
             ("CPU threads", str(self.threads)),
         ] + ([("active experts (LExI)", self.active_experts)] if self.active_experts else [])
+
+
+    def tiers(self) -> str:
+        """The three tiers in one line: what each holds and what a device miss does."""
+        size = format_bytes
+        disk = f"disk {self.total_experts} records ({size(self.store_bytes)})" if self.store == "disk" else \
+            f"checkpoint {self.total_experts} experts (page cache)"
+        hot = f" (half pinned: the hot set of {self.hot_trace})" if self.hot_trace else ""
+        if self.in_place:
+            return (f"device = RAM tier (CPU, computed in place): {self.capacity} experts "
+                    f"({size(self.resident_bytes)}){hot} | {disk}")
+        if not self.ram_capacity:
+            return f"device {self.capacity} slots{hot} | RAM tier none | {disk}"
+        return (f"device {self.capacity} slots{hot} | RAM {self.ram_capacity} records "
+                f"({size(self.ram_capacity * self.ram_record_bytes)}), miss={self.miss} | {disk}")
+
+
+def ram_available() -> int:
+    """RAM this process may still use: the system's available memory, or less under a memory cgroup limit (a
+    container, `systemd-run -p MemoryMax=`), which psutil does not see."""
+    free = psutil.virtual_memory().available
+    for limit, anon in cgroup_limits():
+        free = min(free, limit - anon)
+    return max(0, free)
+
+
+def cgroup_limits() -> list[tuple[int, int]]:
+    """(limit, anonymous bytes in use) of every memory cgroup this process is in, its ancestors included (v1 and
+    v2). Page cache is left out of the use: the kernel reclaims it before it enforces the limit."""
+    out = []
+    try:
+        lines = open("/proc/self/cgroup").read().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        _id, controllers, path = line.split(":", 2)
+        v2 = controllers == ""
+        if not v2 and "memory" not in controllers.split(","):
+            continue
+        roots = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] if v2 else ["/sys/fs/cgroup/memory"]
+        limit_file, anon_key = ("memory.max", "anon") if v2 else ("memory.limit_in_bytes", "total_rss")
+        for root in roots:
+            parts = [p for p in path.split("/") if p]
+            for depth in range(len(parts), -1, -1):
+                base = "/".join([root, *parts[:depth]])
+                try:
+                    raw = open(f"{base}/{limit_file}").read().strip()
+                    stat = dict(line.split() for line in open(f"{base}/memory.stat").read().splitlines())
+                except (OSError, ValueError):
+                    continue
+                if raw != "max" and int(raw) < 1 << 60:  # v1 writes "no limit" as a huge number
+                    out.append((int(raw), int(stat.get(anon_key, stat.get("rss", 0)))))
+    return out
 
 
 def kv_bytes_per_token(hf_config, dtype: torch.dtype) -> int:
@@ -87,11 +146,13 @@ def device_free(device: str) -> int:
     if device.startswith("cuda"):
         free, _total = torch.cuda.mem_get_info(torch.device(device))
         return free
-    return psutil.virtual_memory().available
+    return ram_available()
 
 
-def make_plan(cfg: OffloadConfig, hf_config, source: CheckpointSource, expert_bytes: int, top_k: int) -> MemoryPlan:
-    """Choose the number of resident slots (unless given) and refuse plans that cannot fit."""
+def make_plan(cfg: OffloadConfig, hf_config, source: CheckpointSource, expert_bytes: int, top_k: int,
+              host_bytes: int | None = None) -> MemoryPlan:
+    """Choose the number of resident slots and RAM-tier records (unless given) and refuse plans that cannot
+    fit. `host_bytes`: one record in the RAM tier's form (next to a GPU: as stored)."""
     c = hf_config.get_text_config()
     context = cfg.context or min(getattr(c, "max_position_embeddings", 4096) or 4096, 4096)
     kv = kv_bytes_per_token(hf_config, cfg.dtype) * context
@@ -103,6 +164,13 @@ def make_plan(cfg: OffloadConfig, hf_config, source: CheckpointSource, expert_by
     total = len(source.keys())
     budget = free - max(int(free * HEADROOM), MIN_HEADROOM) - non_expert - kv
     capacity = cache_slots(cfg.cache_experts, cfg.cache_memory, total, expert_bytes)
+    cpu = cfg.device == "cpu"
+    ram_memory = cfg.ram_memory if cfg.ram_memory is not None or cpu or cfg.store != "disk" else "auto"
+    # a CPU's slots are RAM: one pool, the RAM tier, computed in place (unless copies into a second are asked for)
+    in_place = cpu and cfg.store == "disk" and not (cfg.ram_memory is not None and cfg.miss == "copy")
+    ram_capacity = 0
+    if in_place and ram_memory is not None:
+        capacity = max(capacity or 0, ram_slots(ram_memory, total, expert_bytes, budget, top_k))
     if capacity is None:
         capacity = max(0, min(total, budget // expert_bytes))
         if capacity < top_k:
@@ -125,6 +193,11 @@ def make_plan(cfg: OffloadConfig, hf_config, source: CheckpointSource, expert_by
                            f"({format_bytes(non_expert)}), the KV cache at {context} tokens ({format_bytes(kv)}) "
                            f"and headroom; " + (f"lower it to at most {fits} experts" if fits >= top_k else
                                                 "free memory or lower context=N"))
+    if in_place:
+        ram_capacity = min(capacity, total)
+    elif ram_memory is not None:
+        ram_budget = (budget - resident) if cpu else (ram_available() - _headroom(ram_available()))
+        ram_capacity = ram_slots(ram_memory, total, host_bytes or expert_bytes, ram_budget, top_k)
     return MemoryPlan(device=cfg.device, device_free=free, ram_total=vm.total, ram_available=vm.available,
                       non_expert_bytes=non_expert, kv_bytes=kv, context=context, expert_bytes=expert_bytes,
                       total_experts=total, store=cfg.store,
@@ -134,7 +207,40 @@ def make_plan(cfg: OffloadConfig, hf_config, source: CheckpointSource, expert_by
                       active_experts=None if cfg.active_experts is None else
                       f"{cfg.active_experts:g} of top-{top_k} per token; per-layer k chosen once the routers load",
                       capped_from=cfg.cache_experts if isinstance(cfg.cache_experts, int) and cfg.cache_experts > total
-                      else None)
+                      else None, ram_capacity=min(ram_capacity, total),
+                      ram_record_bytes=expert_bytes if in_place else (host_bytes or expert_bytes),
+                      miss="cpu" if in_place else cfg.miss, in_place=in_place, hot_trace=cfg.hot_trace)
+
+
+def _headroom(free: int) -> int:
+    return max(int(free * HEADROOM), MIN_HEADROOM)
+
+
+def ram_slots(ram_memory: int | str, total: int, record_bytes: int, budget: int, top_k: int) -> int:
+    """RAM-tier records for `ram_memory` (bytes, a share of all records, or 'auto': what `budget` holds),
+    refusing a tier that cannot hold one layer's experts or does not fit."""
+    if ram_memory == "auto":
+        n = min(total, max(0, budget) // record_bytes)
+        if n < top_k:
+            raise OffloadError(f"RAM has {format_bytes(max(0, budget))} left for the RAM tier, less than one "
+                               f"layer's {top_k} records ({format_bytes(top_k * record_bytes, up=True)}); free "
+                               f"memory, lower cache_experts or give ram_memory=SIZE")
+        return n
+    from offload.config import parse_share
+
+    share = parse_share(ram_memory)
+    n = min(total, int(share * total + 1e-9) if share is not None else ram_memory // record_bytes)
+    asked = f"ram_memory={_size_option(ram_memory)}"
+    if n < top_k:
+        raise OffloadError(f"{asked} holds {n} records, fewer than one layer's top-k = {top_k}; give "
+                           f"ram_memory={format_bytes(top_k * record_bytes, up=True, sep='')} or more")
+    if n * record_bytes > budget:
+        fits = max(0, budget) // record_bytes
+        raise OffloadError(f"{asked} needs {format_bytes(n * record_bytes)} of RAM, but "
+                           f"{format_bytes(max(0, budget))} is left after headroom and what else lives in RAM; "
+                           + (f"lower it to at most {fits} records ({format_bytes(fits * record_bytes, sep='')})"
+                              if fits >= top_k else "free memory or use a smaller store format (bits=...)"))
+    return n
 
 
 def _size_option(value: int | str) -> str:

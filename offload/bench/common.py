@@ -150,10 +150,20 @@ def prompt_ids(model, text: Optional[str], n: int, seed: int = 0):
 
 
 def snapshot(model) -> dict:
-    model.engine.prefetcher.drain()
+    """Counters to difference around a timing: a hit is a use served without reading the store (device or
+    RAM tier); bytes and stall add up every link (disk -> RAM -> device)."""
+    e = model.engine
+    e.prefetcher.drain()
+    e.loader.drain()
     s = model.stats()
-    return {"hits": s["hits"], "misses": s["misses"], "bytes": sum(s["bytes_loaded"].values()),
-            "stall": s["stall_seconds"], "issued": s["prefetch_issued"], "useful": s["prefetch_useful"]}
+    t, links = s["tiers"], s["links"].values()
+    uses = sum(v for k, v in t.items() if k != "cpu_experts")
+    misses = uses - t["device_hits"] - t["ram_hits"]
+    ram = e.ram.stats if e.ram is not None else None
+    return {"hits": uses - misses, "misses": misses, "bytes": sum(v["bytes"] for v in links),
+            "stall": sum(v["stall_seconds"] for v in links), "cpu": t["cpu_experts"], "ram_hits": t["ram_hits"],
+            "issued": s["prefetch_issued"] + (ram.prefetch_issued if ram else 0),
+            "useful": s["prefetch_useful"] + (ram.prefetch_useful if ram else 0)}
 
 
 def timed(model, ids, n: int, cold: bool) -> tuple[float, dict]:
@@ -168,8 +178,8 @@ def loader_for(models: list, model) -> None:
     alive at a time and no fork lands inside a timing (see `Prefetcher.stop_loader`)."""
     for other in models:
         if other is not model:
-            other.engine.prefetcher.stop_loader()
-    model.engine.prefetcher.start_loader()
+            other.engine.loader.stop_loader()
+    model.engine.loader.start_loader()
 
 
 def measure_decode(model, ids, n: int, cold: bool = True) -> dict:
@@ -180,4 +190,5 @@ def measure_decode(model, ids, n: int, cold: bool = True) -> dict:
     dt = max(tn - t1, 1e-9)
     uses = d["hits"] + d["misses"]
     return {"tok_s": n / dt, "hit_rate": d["hits"] / uses if uses else 1.0, "bytes_per_token": d["bytes"] / n,
-            "stall_ms_per_token": 1e3 * d["stall"] / n, "prefetch_issued": d["issued"], "prefetch_useful": d["useful"]}
+            "stall_ms_per_token": 1e3 * d["stall"] / n, "prefetch_issued": d["issued"], "prefetch_useful": d["useful"],
+            "ram_hit_rate": d["ram_hits"] / uses if uses else 0.0, "cpu_share": d["cpu"] / uses if uses else 0.0}

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from offload.cli.common import bits_option
 from offload.bench.common import (cache_experts_option, cache_memory_option, cache_sizes, expert_pool, guard,
                                   loader_for, measure_decode, out, prompt_ids, split_list)
 
@@ -37,6 +38,12 @@ def run(
     threads: int = typer.Option(1, min=1, help="torch CPU threads"),
     dense_bits: Optional[int] = typer.Option(None, help="non-expert linears at 8 or 4 bits",
                                              show_default="the checkpoint dtype"),
+    bits: Optional[str] = typer.Option(None, help="expert format of the disk store: 8, int4-g32, ternary, ...",
+                                       show_default="16: the checkpoint's dtype"),
+    ram_memory: Optional[list[str]] = typer.Option(None, help="RAM-tier sizes to cross with the cache sizes, "
+                                                   "comma-separated: 100%,50%,25%, 2GiB, auto (needs --store-dir)",
+                                                   show_default="no RAM tier"),
+    miss: str = typer.Option("auto", help="with --ram-memory: copy, cpu or auto"),
     active_experts: Optional[float] = typer.Option(None, help="LExI: per-layer top-k averaging this fraction of the "
                                                    "model's top-k (0 < F <= 1)", show_default="the model's top-k"),
 ) -> None:
@@ -53,12 +60,15 @@ def run(
         preds = split_list(predictor) or ["none"]
         total, expert_bytes = expert_pool(model_dir)
         opts = {"store": store, "store_dir": str(store_dir) if store_dir else None, "dense_bits": dense_bits,
+                "bits": bits_option(bits),
                 "active_experts": active_experts}
         configs = [("all resident", dict(cache_experts=total, policy="lru"))]
-        for c, p, pr in itertools.product(sizes, pols, preds):
+        rams = split_list(ram_memory) or [None]
+        for c, r, p, pr in itertools.product(sizes, rams, pols, preds):
             slots = min(total, c.slots(total, expert_bytes))
-            configs.append((f"{c.label} ({slots}) {p} {pr}",
-                            dict(cache_experts=slots, policy=p,
+            tier = {} if r is None else {"ram_memory": r, "miss": miss}
+            configs.append((f"{c.label} ({slots})" + (f" ram {r} {miss}" if r else "") + f" {p} {pr}",
+                            dict(cache_experts=slots, policy=p, **tier,
                                  predictor=None if pr == "none" else pr, lookahead=lookahead)))
         models = []
         with out.status("loading configurations ..."):
@@ -99,15 +109,17 @@ def run(
                                      for p in profs)
             rows.append({"config": name, **o, **med, "predicted_tok_s": pred,
                          "predicted_error": pred / med["tok_s"] - 1})
-        prof = sorted(profs, key=lambda p: cm.local_decode_seconds(shape, p, 1.0, config=config))[len(profs) // 2]
+        prof = sorted(profs, key=lambda p: cm.local_decode_seconds(shape, p, 1.0, fmt=fmt, tier=tier,
+                                                                            config=config))[len(profs) // 2]
         base = rows[0]["tok_s"]
         t = Table(title=f"measured decode on this machine: {model_dir.name}, {max_new_tokens} new tokens, "
                         f"median of {repeats}, store={tier}")
-        for col in ("config", "tok/s", "vs resident", "hit rate", "KB/token", "stall ms/tok", "prefetch useful/issued",
+        for col in ("config", "tok/s", "vs resident", "hit rate", "RAM hits", "CPU-computed", "KB/token", "stall ms/tok", "prefetch useful/issued",
                     "cost model tok/s", "model error"):
             t.add_column(col, justify="left" if col == "config" else "right")
         for r in rows:
             t.add_row(r["config"], f"{r['tok_s']:.1f}", f"{r['tok_s'] / base:.2f}x", f"{r['hit_rate']:.1%}",
+                      f"{r['ram_hit_rate']:.1%}", f"{r['cpu_share']:.1%}",
                       f"{r['bytes_per_token'] / 1e3:.1f}", f"{r['stall_ms_per_token']:.2f}",
                       f"{r['prefetch_useful']:.0f}/{r['prefetch_issued']:.0f}", f"{r['predicted_tok_s']:.1f}",
                       f"{100 * r['predicted_error']:+.0f}%")

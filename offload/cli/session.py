@@ -182,6 +182,10 @@ def stats_table(model: OffloadedModel, rate: float | None = None) -> Table:
     moved = ", ".join(f"{tier} {mib(n)}" for tier, n in s["bytes_loaded"].items()) or "nothing yet"
     t.add_row("bytes moved", moved)
     t.add_row("stall", f"{1000 * s['stall_seconds']:.0f} ms over {s['tokens']} tokens")
+    tiers = s["tiers"]
+    t.add_row("served from", ", ".join(f"{n.replace('_', ' ')} {v}" for n, v in tiers.items()))
+    t.add_row("links", ", ".join(f"{name} {mib(v['bytes'])} in {v['loads']} loads, stall {1000 * v['stall_seconds']:.0f} ms"
+                                 for name, v in s["links"].items()))
     if s["prefetch_issued"]:
         t.add_row("prefetch", f"{s['prefetch_useful']} useful of {s['prefetch_issued']} issued")
     for name, value in model.plan.rows():

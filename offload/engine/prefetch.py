@@ -29,10 +29,14 @@ from offload.store.disk import aligned_buffer
 class Prefetcher:
     def __init__(self, store, cache: ExpertCache, slots: SlotPool, stats: EngineStats,
                  transform: Callable[[Key, torch.Tensor, torch.Tensor], None] | None = None,
-                 staging_buffers: int = 4, worker: str = "thread") -> None:
+                 staging_buffers: int = 4, worker: str = "thread", hold: Callable[[Key], None] | None = None,
+                 release: Callable[[Key, object], None] | None = None) -> None:
         """`transform(key, record, slot)` turns a stored record into its resident form (None: a plain copy).
-        `worker`: "thread", or "process" (CPU only; `slots` must be shared, see SlotPool)."""
+        `worker`: "thread", or "process" (CPU only; `slots` must be shared, see SlotPool). `hold(key)` runs when
+        a prefetch of `key` is queued and `release(key, CUDA event or None)` when it is done or dropped: a RAM
+        tier pins the record being read out of it for that long."""
         self.store, self.cache, self.slots, self.stats, self.transform = store, cache, slots, stats, transform
+        self._hold, self._release_source = hold, release
         self.cuda = slots.device.type == "cuda"
         self._jobs: dict[Key, Job] = {}
         self._prefetched: set[Key] = set()  # prefetched and not used yet
@@ -97,6 +101,8 @@ class Prefetcher:
                 continue
             self.cache.pin(key)
             job = self._jobs[key] = Job(key, slot)
+            if self._hold is not None:
+                self._hold(key)
             self._prefetched.add(key)
             try:
                 queued = self.worker.submit(job)
@@ -169,9 +175,15 @@ class Prefetcher:
         self._count(n, time.perf_counter() - t0)
         self._wait_event(event)
 
+    def loading(self, key: Key) -> bool:
+        """Whether a load of `key` is queued or running."""
+        return key in self._jobs
+
     def _forget(self, job: Job) -> None:
         """Drop a job that will never be read, and its slot."""
         del self._jobs[job.key]
+        if self._release_source is not None:
+            self._release_source(job.key, None)
         self._prefetched.discard(job.key)
         self.cache.unpin(job.key)
         self.cache.remove(job.key)
@@ -185,6 +197,8 @@ class Prefetcher:
         if self._jobs.get(job.key) is job:
             del self._jobs[job.key]
             self.cache.unpin(job.key)
+            if self._release_source is not None:
+                self._release_source(job.key, job.event)
         if job.error is not None:
             self.cache.remove(job.key) if job.key in self.cache else None
             self._prefetched.discard(job.key)
@@ -249,13 +263,18 @@ class Prefetcher:
             return torch.empty(nbytes, dtype=torch.uint8)
 
     def _load_cuda(self, key: Key, slot: int) -> tuple[torch.cuda.Event, int]:
-        with self._staging_lock:
-            i = self._next_staging
-            self._next_staging = (i + 1) % len(self._staging)
-            if self._staging_events[i] is not None:
-                self._staging_events[i].synchronize()  # the previous copy out of this buffer is done
-        staging = self._staging[i]
-        n = self.store.read_into(key, staging)
+        i = None
+        if hasattr(self.store, "record"):  # a pinned RAM tier: copy straight out of its record
+            staging = self.store.record(key)
+            n = staging.numel()
+        else:
+            with self._staging_lock:
+                i = self._next_staging
+                self._next_staging = (i + 1) % len(self._staging)
+                if self._staging_events[i] is not None:
+                    self._staging_events[i].synchronize()  # the previous copy out of this buffer is done
+            staging = self._staging[i]
+            n = self.store.read_into(key, staging)
         with torch.cuda.stream(self._copy_stream):
             self._copy_stream.wait_event(self._slot_free[slot])  # the slot's previous expert is computed
             dst = self.slots.raw(slot)
@@ -265,5 +284,6 @@ class Prefetcher:
                 self.transform(key, staging, dst)
             event = torch.cuda.Event()
             event.record(self._copy_stream)
-        self._staging_events[i] = event
+        if i is not None:
+            self._staging_events[i] = event
         return event, n

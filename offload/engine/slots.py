@@ -16,9 +16,11 @@ from offload.store.disk import aligned_buffer, round_up
 
 
 class SlotPool:
-    def __init__(self, capacity: int, record_bytes: int, device: torch.device, shared: bool = False) -> None:
+    def __init__(self, capacity: int, record_bytes: int, device: torch.device, shared: bool = False,
+                 pinned: bool = False) -> None:
         """`shared`: CPU slots in an anonymous shared mapping, so a forked loader process writes into the
-        same memory (no /dev/shm needed: containers often cap it at 64 MB)."""
+        same memory (no /dev/shm needed: containers often cap it at 64 MB). `pinned`: CPU slots in page-locked
+        memory (a RAM tier feeding a GPU: copies from it run asynchronously; CUDA pins page-aligned)."""
         self.capacity, self.record_bytes, self.device = capacity, record_bytes, torch.device(device)
         cpu = self.device.type == "cpu"
         self.shared = shared and cpu
@@ -26,6 +28,8 @@ class SlotPool:
         if self.shared:
             self._map = mmap.mmap(-1, capacity * self.stride)  # MAP_SHARED | MAP_ANONYMOUS, zero-filled, page-aligned
             self.buf = torch.frombuffer(self._map, dtype=torch.uint8).view(capacity, self.stride)
+        elif cpu and pinned and torch.cuda.is_available():
+            self.buf = torch.zeros(capacity, self.stride, dtype=torch.uint8, pin_memory=True)
         elif cpu:
             self.buf = aligned_buffer(capacity * self.stride).zero_().view(capacity, self.stride)
         else:

@@ -15,6 +15,7 @@ from torch import nn
 from cache import ExpertCache
 from offload.engine.experts import expert_ffn
 from offload.engine.prefetch import Prefetcher
+from offload.engine.ram_tier import CopyGuard, PoolStore, RamTier
 from offload.engine.slots import SlotPool
 from offload.engine.stats import EngineStats
 
@@ -26,12 +27,33 @@ PAUSED_EVERY = 4      # while prefetch is paused, predictions (only scored) run 
 class Engine:
     def __init__(self, store, cache: ExpertCache, slots: SlotPool, num_experts: int, top_k: int,
                  moe_layers: list[int], predictor=None, prefetch_width: int | None = None,
-                 codec=None, tracer=None, min_precision: float = 0.75, worker: str = "thread") -> None:
+                 codec=None, tracer=None, min_precision: float = 0.75, worker: str = "thread",
+                 ram: RamTier | None = None, miss=None, host_codec=None, tier: str = "device") -> None:
+        """`ram`: a RAM tier between `store` and the device slots, `miss` deciding per device miss whether its
+        record is copied or computed on the CPU (`offload.engine.miss`), `host_codec` the codec of the RAM
+        tier's records (a CPU twin of `codec`). `tier`: what the slots are called in the tier counts ("ram" on
+        a CPU machine whose one pool is the RAM tier, computed in place)."""
         self.store, self.cache, self.slots = store, cache, slots
         self.num_experts, self.top_k, self.moe_layers = num_experts, top_k, moe_layers
         self.stats = EngineStats()
-        transform = None if codec is None else (lambda key, rec, slot: codec.transform(store.format_of(key), rec, slot))
-        self.prefetcher = Prefetcher(store, cache, slots, self.stats, transform=transform, worker=worker)
+        self.ram, self.miss, self.host_codec, self.tier = ram, miss, host_codec, tier
+        self.cpu_experts = 0  # device misses computed on the CPU from the RAM tier
+        self.hot: list = []   # the static hot set, pinned in the device tier (`pin_hot`)
+        self._cuda = slots.device.type == "cuda"
+        source = store if ram is None else PoolStore(ram)
+        # on CPU the RAM tier holds records in compute form already: a copy into a slot is a plain copy
+        transform = (None if codec is None or (ram is not None and not self._cuda) else
+                     (lambda key, rec, slot: codec.transform(store.format_of(key), rec, slot)))
+        self._guard = CopyGuard(ram.cache) if ram is not None and self._cuda else None
+        hold = release = None
+        if ram is not None:  # a device prefetch reads a RAM record: it stays pinned there until the copy ran
+            hold = ram.cache.pin
+            release = lambda key, event: self._unpin_ram(key, event)  # noqa: E731
+        self.prefetcher = Prefetcher(source, cache, slots, self.stats, transform=transform, worker=worker,
+                                     hold=hold, release=release)
+        # where predictions are read from disk: into the RAM tier when there is one
+        self.loader = self.prefetcher if ram is None else ram.prefetcher
+        self._scratch = None  # CUDA: a CPU slot for a RAM record turned into CPU compute form
         self.predictor, self.tracer = predictor, tracer
         self.entry = bool(getattr(predictor, "entry", False))  # predicts at layer entries (lookahead 0)
         self.prefetch_width = prefetch_width or top_k
@@ -80,9 +102,11 @@ class Engine:
             return int(uses[e]), float(top_k_weights[token_idx, top_k_pos].float().sum()), (top_k_pos, token_idx)
 
         observe = lambda: self._observe(layer, hidden, top_k_index, top_k_weights)  # noqa: E731
-        for w, linear, (top_k_pos, token_idx) in self._each_expert(layer, experts, select, observe):
-            y = expert_ffn(module, w, hidden[token_idx], linear)
-            y = y * top_k_weights[token_idx, top_k_pos, None]
+        outs = [None] * len(experts)
+        for i, w, linear, (top_k_pos, token_idx), host in self._each_expert(layer, experts, select, observe):
+            y = self._ffn(module, w, hidden[token_idx], linear, host)
+            outs[i] = (token_idx, y * top_k_weights[token_idx, top_k_pos, None])
+        for token_idx, y in outs:  # ascending expert ids, as eager adds them
             final.index_add_(0, token_idx, y.to(final.dtype))
         return final
 
@@ -103,8 +127,10 @@ class Engine:
         final = torch.zeros_like(hidden)
         observe = lambda: self._observe(layer, hidden, top_k_index, top_k_weights)  # noqa: E731
         select = lambda i, e: (1, weights[picks[i]], columns[picks[i]])  # noqa: E731
-        for w, linear, weight in self._each_expert(layer, [ids[p] for p in picks], select, observe):
-            y = expert_ffn(module, w, hidden, linear) * weight
+        outs = [None] * len(picks)
+        for i, w, linear, weight, host in self._each_expert(layer, [ids[p] for p in picks], select, observe):
+            outs[i] = self._ffn(module, w, hidden, linear, host) * weight
+        for y in outs:  # ascending expert ids
             final.add_(y if y.dtype == final.dtype else y.to(final.dtype))
         return final
 
@@ -119,20 +145,28 @@ class Engine:
         experts = active.any(-1).nonzero()[:, 0].tolist()
         index = active.T.float().topk(self.top_k, dim=-1).indices      # [T, k]: the router's choice
         observe = lambda: self._observe(layer, None, index, None)  # noqa: E731
-        for w, linear, i in self._each_expert(layer, experts, lambda i, e: (int(uses[e]), 0.0, i), observe):
+        for i, w, linear, _, host in self._each_expert(layer, experts, lambda i, e: (int(uses[e]), 0.0, i), observe):
             e = experts[i]
-            out[e] = expert_ffn(module, w, x[e], linear)
+            out[e] = self._ffn(module, w, x[e], linear, host)
         return out.view(-1, hidden.shape[-1])
 
     def _count_tokens(self, layer: int, tokens: int) -> None:
         if layer == self.moe_layers[0]:  # every token passes the first MoE layer once
             self.stats.tokens += tokens
 
+    def _ffn(self, module: nn.Module, w: dict, x: torch.Tensor, linear, host: bool) -> torch.Tensor:
+        """One expert on x; `host`: its weights are a RAM record, computed on the CPU."""
+        if host and self._cuda:
+            return expert_ffn(module, w, x.cpu(), linear).to(x.device, non_blocking=True)
+        return expert_ffn(module, w, x, linear)
+
     def _each_expert(self, layer: int, experts: list[int], select, observe):
-        """Yield (slot views, linear, token selection) per expert, `select(i, expert)` giving (uses, routing
-        weight, token selection), with this layer's keys pinned while they compute. `observe` (predict + submit
-        prefetches) runs once they are pinned, so a prefetch can never evict an expert this layer is about to
-        use. Without a predictor and with every key resident nothing can be inserted, so nothing is pinned."""
+        """Yield (position, weights, linear, token selection, on the CPU from RAM) per expert, `select(i,
+        expert)` giving (uses, routing weight, token selection), with this layer's keys pinned while they
+        compute. `observe` (predict + submit prefetches) runs once they are pinned, so a prefetch can never
+        evict an expert this layer is about to use. Without a predictor and with every key resident nothing
+        can be inserted, so nothing is pinned. With a RAM tier on CUDA, device-resident experts are queued
+        first, so the GPU runs them while the CPU computes the others; callers combine by position."""
         keys = [(layer, e) for e in experts]
         cache = self.cache
         if self.predictor is not None:  # only prefetch asks what was used recently
@@ -149,13 +183,20 @@ class Engine:
                 cache.pin(k)
         try:
             observe()
-            for i, key in enumerate(keys):
+            order = range(len(keys))
+            if self.ram is not None and self._cuda:
+                order = sorted(order, key=lambda i: keys[i] not in cache)
+            for i in order:
+                key = keys[i]
                 uses, weight, sel = select(i, key[1])
+                if self.ram is not None and key not in cache:
+                    yield from self._from_ram(i, key, uses, weight, sel)
+                    continue
                 slot = self.prefetcher.fetch(key, uses, weight)
                 if pin_each:
                     cache.pin(key)
                 try:
-                    yield (*self._views(key, slot), sel)
+                    yield (i, *self._views(key, slot), sel, False)
                     self.prefetcher.used(slot)  # its compute is queued (a GPU may not have run it yet)
                 finally:
                     if pin_each:
@@ -164,6 +205,50 @@ class Engine:
             if pin_all:
                 for k in keys:
                     cache.unpin(k)
+
+    def _from_ram(self, i: int, key, uses: int, weight: float, sel):
+        """A device miss: the RAM tier serves it (a RAM hit, or a demand read from disk into RAM), then the
+        record is copied into a device slot or computed on the CPU where it lies, as `miss` decides."""
+        ram = self.ram
+        if self._guard is not None:
+            self._guard.release_done()
+        copy = self.miss.copy(key, weight)
+        # a copied expert's other uses in this step hit on the device: the RAM tier serves one
+        rslot = ram.prefetcher.fetch(key, 1 if copy else uses, weight)
+        ram.cache.pin(key)
+        try:
+            if copy:
+                slot = self.prefetcher.fetch(key, uses, weight)
+                if self._guard is not None:  # the copy out of the record is queued, not done
+                    event = torch.cuda.Event()
+                    event.record(torch.cuda.current_stream(self.slots.device))
+                    self._guard.hold(key, event)
+                yield (i, *self._views(key, slot), sel, False)
+                self.prefetcher.used(slot)
+            else:
+                self.cpu_experts += 1
+                yield (i, *self._host_views(key, rslot), sel, True)
+        finally:
+            ram.cache.unpin(key)
+
+    def _unpin_ram(self, key, event) -> None:
+        if self._guard is not None and event is not None:
+            self._guard.hold(key, event)  # CUDA: until the asynchronous copy out of the record has run
+        self.ram.cache.unpin(key)
+
+    def _host_views(self, key, rslot: int):
+        """(weights, linear) of the RAM record in `rslot`, in CPU compute form: in place on a CPU machine; on
+        CUDA the stored record is turned into it in a scratch slot (its compute finishes before the next)."""
+        ram, codec = self.ram, self.host_codec
+        if codec is None:
+            return ram.slots.views(rslot, self.store.layout_of(key)), None
+        kind = self.store.format_of(key)
+        if not self._cuda:
+            return codec.views(ram.slots, rslot, kind), codec.kind_named(kind).linear
+        if self._scratch is None:
+            self._scratch = SlotPool(1, codec.slot_bytes, torch.device("cpu"))
+        codec.transform(kind, ram.slots.raw(rslot), self._scratch.raw(0))
+        return codec.views(self._scratch, 0, kind), codec.kind_named(kind).linear
 
     def _views(self, key, slot: int):
         """(slot tensors, linear) for `key`: dense views and plain matmuls, or a quantized kind's."""
@@ -221,7 +306,11 @@ class Engine:
                 self.stats.prefetch_suppressed += len(ids)
             else:  # the layer computes its experts in ascending id order: load the likeliest k in that order
                 keys += [(tl, e) for e in sorted(ids[:k]) + ids[k:]]
-        self.prefetcher.submit(keys, self._protected)
+        self.loader.submit(keys, self._protected)
+        if self.ram is not None:  # and the guesses already in RAM go on to the device on the second link
+            ram = self.ram
+            self.prefetcher.submit([k for k in keys if k in ram.cache and not ram.prefetcher.loading(k)
+                                    and self.miss.copy(k, 0.0)], self._protected)
 
     def _k(self, layer: int) -> int:
         """Experts `layer` computes per token: the model's top-k, or its own under active_experts (LExI)."""
@@ -243,7 +332,7 @@ class Engine:
         if predicted:
             chosen = top_k_index[0].tolist()
             for e in set(predicted).difference(chosen):  # wrong guesses not yet being read: never read them
-                self.prefetcher.cancel((layer, e))
+                self.loader.cancel((layer, e))
             # precision of the top-k guess alone, so that the pause threshold means the same at any width
             # (ids beyond k are the next likeliest, a margin for a near miss)
             guess = set(predicted[: self._k(layer)])
@@ -267,5 +356,46 @@ class Engine:
         self._precision, self._predicted = {}, {}
         self._step, self._last_use = 0, {}
 
+    def pin_hot(self, keys: list) -> None:
+        """Load `keys` into the device tier and pin them there for good (the static hot set)."""
+        self.hot = list(keys)
+        for key in self.hot:
+            if key in self.cache:
+                self.cache.pin(key)
+                continue
+            if self.ram is not None:
+                self.ram.prefetcher.fetch(key)
+                self.ram.cache.pin(key)
+            try:
+                self.prefetcher.fetch(key)
+            finally:
+                if self.ram is not None:
+                    self.ram.cache.unpin(key)
+            self.cache.pin(key)
+
+    def tier_counts(self) -> dict:
+        """Where each expert use was served: device hits + RAM hits + disk reads == uses, exactly."""
+        c, ram = self.cache.stats, self.ram
+        if ram is not None:
+            return {"device_hits": c.hits, "ram_hits": ram.cache.stats.hits, "disk_reads": ram.cache.stats.misses,
+                    "cpu_experts": self.cpu_experts}
+        if self.tier == "ram":  # one pool that is the RAM tier, computed in place
+            return {"device_hits": 0, "ram_hits": c.hits, "disk_reads": c.misses, "cpu_experts": c.hits + c.misses}
+        reads = "disk_reads" if self.store.tier == "disk" else "checkpoint_reads"
+        return {"device_hits": c.hits, "ram_hits": 0, reads: c.misses, "cpu_experts": 0}
+
+    def link_stats(self) -> dict:
+        """Bytes and stall per link: disk -> RAM (the RAM tier's loads) and into the device slots."""
+        s = self.stats
+        into = "ram->device" if self.ram is not None else f"{self.store.tier}->{self.tier}"
+        links = {into: {"bytes": sum(s.bytes_loaded.values()), "loads": s.loads, "stall_seconds": s.stall_seconds}}
+        if self.ram is not None:
+            r = self.ram.stats
+            links["disk->ram"] = {"bytes": sum(r.bytes_loaded.values()), "loads": r.loads,
+                                  "stall_seconds": r.stall_seconds}
+        return links
+
     def close(self) -> None:
         self.prefetcher.close()
+        if self.ram is not None:
+            self.ram.close()

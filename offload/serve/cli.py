@@ -83,6 +83,9 @@ def serve(
     store: str = typer.Option("ram", help="ram (checkpoint, mmap) or disk (converted store)"),
     store_dir: Optional[Path] = typer.Option(None, help="directory of the disk store"),
     bits: Optional[str] = typer.Option(None, help="expert format: 16, 8, 4, 3, 2, ternary, int4-g64, ternary-z90, ..."),
+    ram_memory: Optional[str] = typer.Option(None, help="RAM tier in front of the disk store: 64GiB, 50%, auto"),
+    miss: str = typer.Option("auto", help="a device miss served from RAM: copy, cpu or auto"),
+    hot_trace: Optional[Path] = typer.Option(None, help="routing trace whose most used experts stay pinned"),
     active_experts: Optional[float] = typer.Option(None, help="LExI: per-layer top-k averaging this fraction of the "
                                                    "model's top-k (0 < F <= 1) [default: the model's top-k]"),
     policy: str = typer.Option("lru", help="cache eviction policy"),
@@ -99,7 +102,8 @@ def serve(
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))  # as offload-chat: more cores spin
     sock = bind(host, port)
     options = dict(device=device, dtype=dtype, cache_experts=cache_experts, cache_memory=cache_memory, store=store,
-                   store_dir=str(store_dir) if store_dir else None, bits=bits_option(bits), policy=policy,
+                   store_dir=str(store_dir) if store_dir else None, bits=bits_option(bits), ram_memory=ram_memory, miss=miss,
+                   hot_trace=str(hot_trace) if hot_trace else None, policy=policy,
                    predictor=predictor, lookahead=lookahead, context=context, active_experts=active_experts)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     err.print(f"loading {path} ...")
