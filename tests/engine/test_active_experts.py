@@ -138,6 +138,24 @@ def test_hits_plus_misses_per_token_are_the_trimmed_k(top4):
     assert s["misses"] > 0
 
 
+@pytest.mark.parametrize("ram, miss", [("50%", "copy"), ("25%", "cpu")])
+def test_ram_tier_and_miss_modes_serve_the_same_trimmed_model(top4, tmp_path, ram, miss):
+    """With a RAM tier (its own, or the CPU's one in-place pool) the chosen k, the tokens and the per-token uses are
+    those of the plain ram store."""
+    path = top4("qwen3_norm")
+    ids = prompt(4)
+    with OffloadedModel.from_pretrained(path, cache_experts=6, active_experts=0.5) as m:
+        k, want = m.stats()["active_experts"], greedy(m, ids)
+    with OffloadedModel.from_pretrained(path, store_dir=tmp_path / "s", ram_memory=ram, miss=miss, cache_experts=6,
+                                        active_experts=0.5) as m:
+        assert m.stats()["active_experts"] == k
+        got, s = greedy(m, ids), m.stats()
+    assert torch.equal(got, want)
+    t = s["tiers"]
+    assert t["device_hits"] + t["ram_hits"] + t["disk_reads"] == s["hits"] + s["misses"]
+    assert s["hits"] + s["misses"] == (got.shape[1] - 1) * sum(k.values())
+
+
 def test_trace_records_the_trimmed_routing_and_replays_to_the_engine_counts(top4):
     from cache.simulate import replay
 
