@@ -101,6 +101,8 @@ class OffloadConfig:
                                         # it on the CPU from RAM, or auto (the cost model measured at load)
     hot_trace: str | None = None        # a routing trace (.npz): its most used experts stay pinned in half the
                                         # device slots (a static hot set), the rest is a dynamic cache
+    active_experts: float | None = None  # LExI: per-layer top-k averaging this fraction of the model's top-k
+                                        # (0 < f <= 1), chosen from the weights alone; None: the model's top-k
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
@@ -166,6 +168,10 @@ class OffloadConfig:
             if not Path(self.hot_trace).is_file():
                 raise OffloadError(f"routing trace {self.hot_trace} not found; record one with offload-bench trace "
                                    f"(--hot-trace FILE)")
+        if self.active_experts is not None and (isinstance(self.active_experts, bool) or not isinstance(
+                self.active_experts, (int, float)) or not 0 < self.active_experts <= 1):
+            raise OffloadError(f"active_experts must be a fraction of the top-k in (0, 1], e.g. active_experts=0.75, "
+                               f"got {self.active_experts!r}")
         if self.context is not None and self.context < 1:
             raise OffloadError(f"context must be a positive number of tokens, got context={self.context}")
         if not 0 <= self.lookahead <= 8:

@@ -7,6 +7,7 @@ everything else (attention, routers, shared experts, embeddings) loads exactly a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import re
 import weakref
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from transformers.monkey_patching import register_patch_mapping, unregister_patch_mapping
 
 from cache import ExpertCache, Trace, policy_for
+from offload.engine.active_experts import ActiveExperts, check_active_experts
 from offload.store.arch import Arch
 from offload.config import OffloadConfig
 from offload.store.convert import codec_for, open_store
@@ -58,6 +60,8 @@ class OffloadedModel:
         if cfg.dense_bits is not None and source.format.name != "dense":
             raise OffloadError("dense_bits with a packed (FP8/MXFP4) checkpoint is not supported yet; drop "
                                "dense_bits (--dense-bits)")
+        if cfg.active_experts is not None:  # refused (Llama-4, too small a fraction) before anything loads
+            check_active_experts(cfg.active_experts, hf_config, top_k)
         model_dir, num_experts = source.model_dir, source.num_experts
         codec = codec_for(cfg, source, arch)
         slot_bytes = source.layout.nbytes if codec is None else codec.slot_bytes  # dense or quantized compute form
@@ -129,7 +133,12 @@ class OffloadedModel:
                 module.engine = engine
                 if not hasattr(module, "is_transposed"):  # undecorated classes (Llama-4) carry no flags
                     module.is_transposed = arch.transposed
-        return cls(model, engine, cfg, arch, source, plan, _load_tokenizer(model_dir), hooks)
+        loaded = cls(model, engine, cfg, arch, source, plan, _load_tokenizer(model_dir), hooks)
+        if cfg.active_experts is not None:
+            engine.active = ActiveExperts.for_model(cfg.active_experts, loaded, hf_config)
+            loaded.plan = dataclasses.replace(plan, active_experts=engine.active.describe())
+            loaded.reset_cache()  # choosing may have run the model: start cold, counters at zero
+        return loaded
 
     # --- running ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -165,6 +174,7 @@ class OffloadedModel:
             "tiers": e.tier_counts(), "links": e.link_stats(),
             "ram_experts": len(e.ram.cache) if e.ram is not None else 0,
             "ram_capacity_experts": e.ram.capacity if e.ram is not None else 0,
+            "active_experts": None if e.active is None else dict(e.active.k),  # LExI: layer -> its top-k
         }
 
     def trace(self) -> Trace:

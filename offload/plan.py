@@ -45,6 +45,7 @@ class MemoryPlan:
     in_place: bool = False    # CPU: the resident slots are the RAM tier, computed in place
     hot_trace: str | None = None  # the routing trace whose most used experts are pinned in half the slots
     ram_limit: int = 0        # the tightest memory cgroup limit over this process (0: none)
+    active_experts: str | None = None  # LExI's per-layer top-k, described (None: the model's top-k everywhere)
 
     @property
     def resident_bytes(self) -> int:
@@ -75,7 +76,7 @@ class MemoryPlan:
             ("cache policy", self.policy),
             ("predictor", self.predictor),
             ("CPU threads", str(self.threads)),
-        ]
+        ] + ([("active experts (LExI)", self.active_experts)] if self.active_experts else [])
 
 
     def tiers(self) -> str:
@@ -207,6 +208,8 @@ def make_plan(cfg: OffloadConfig, hf_config, source: CheckpointSource, expert_by
                       store_bytes=source.expert_disk_bytes() if cfg.store == "ram" else total * expert_bytes,
                       capacity=min(capacity, total), top_k=top_k, bits=_format_name(cfg), policy=cfg.policy,
                       predictor=_predictor_name(cfg), threads=torch.get_num_threads(), dense_bits=cfg.dense_bits,
+                      active_experts=None if cfg.active_experts is None else
+                      f"{cfg.active_experts:g} of top-{top_k} per token; per-layer k chosen once the routers load",
                       capped_from=cfg.cache_experts if isinstance(cfg.cache_experts, int) and cfg.cache_experts > total
                       else None, ram_capacity=min(ram_capacity, total),
                       ram_record_bytes=expert_bytes if in_place else (host_bytes or expert_bytes),

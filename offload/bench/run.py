@@ -44,6 +44,8 @@ def run(
                                                    "comma-separated: 100%,50%,25%, 2GiB, auto (needs --store-dir)",
                                                    show_default="no RAM tier"),
     miss: str = typer.Option("auto", help="with --ram-memory: copy, cpu or auto"),
+    active_experts: Optional[float] = typer.Option(None, help="LExI: per-layer top-k averaging this fraction of the "
+                                                   "model's top-k (0 < F <= 1)", show_default="the model's top-k"),
 ) -> None:
     """Real decode on this machine: every configuration side by side in one process, alternating, medians."""
     from offload.bench import costmodel as cm
@@ -58,7 +60,8 @@ def run(
         preds = split_list(predictor) or ["none"]
         total, expert_bytes = expert_pool(model_dir)
         opts = {"store": store, "store_dir": str(store_dir) if store_dir else None, "dense_bits": dense_bits,
-                "bits": bits_option(bits)}
+                "bits": bits_option(bits),
+                "active_experts": active_experts}
         configs = [("all resident", dict(cache_experts=total, policy="lru"))]
         rams = split_list(ram_memory) or [None]
         for c, r, p, pr in itertools.product(sizes, rams, pols, preds):

@@ -73,6 +73,7 @@ class Engine:
         # docs/benchmarks/prefetch.md.
         self._step = 0                        # MoE layer calls so far
         self._last_use: dict = {}             # key -> the step it was last used in
+        self.active = None                    # ActiveExperts (LExI): trims each layer's top-k; None: the model's
 
     # --- one layer -------------------------------------------------------------------------------
     def run_layer(self, module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor | None,
@@ -80,6 +81,8 @@ class Engine:
         if torch.is_grad_enabled():  # a plain forward outside inference mode: experts are never trained
             with torch.no_grad():
                 return self.run_layer(module, hidden, top_k_index, top_k_weights)
+        if self.active is not None:
+            top_k_index, top_k_weights = self.active.trim(module.layer_idx, top_k_index, top_k_weights)
         if top_k_index is None:  # Llama-4 hands every token to every expert, pre-scaled by its score
             return self._run_replicated(module, hidden)
         if hidden.shape[0] == 1:
@@ -295,18 +298,23 @@ class Engine:
         wanted = self.predictor.predict(layer, hidden)
         keys = []
         for tl, ids in wanted.items():
-            ids = ids[: self.prefetch_width]
+            k = self._k(tl)
+            ids = ids[: self.prefetch_width - self.top_k + k]  # a trimmed layer keeps the same margin beyond k
             if decode:
                 self._predicted[tl] = ids
             if self._paused(tl):
                 self.stats.prefetch_suppressed += len(ids)
             else:  # the layer computes its experts in ascending id order: load the likeliest k in that order
-                keys += [(tl, e) for e in sorted(ids[: self.top_k]) + ids[self.top_k:]]
+                keys += [(tl, e) for e in sorted(ids[:k]) + ids[k:]]
         self.loader.submit(keys, self._protected)
         if self.ram is not None:  # and the guesses already in RAM go on to the device on the second link
             ram = self.ram
             self.prefetcher.submit([k for k in keys if k in ram.cache and not ram.prefetcher.loading(k)
                                     and self.miss.copy(k, 0.0)], self._protected)
+
+    def _k(self, layer: int) -> int:
+        """Experts `layer` computes per token: the model's top-k, or its own under active_experts (LExI)."""
+        return self.top_k if self.active is None else self.active.k[layer]
 
     def _protected(self, key) -> bool:
         """Whether a prefetch must not evict `key`: used during the last pass over the layers, or of a layer
@@ -327,7 +335,7 @@ class Engine:
                 self.loader.cancel((layer, e))
             # precision of the top-k guess alone, so that the pause threshold means the same at any width
             # (ids beyond k are the next likeliest, a margin for a near miss)
-            guess = set(predicted[: self.top_k])
+            guess = set(predicted[: self._k(layer)])
             hit = len(guess.intersection(chosen)) / len(guess)
             p = self._precision.get(layer, 1.0)
             self._precision[layer] = p + self._precision_rate * (hit - p)

@@ -86,6 +86,8 @@ def serve(
     ram_memory: Optional[str] = typer.Option(None, help="RAM tier in front of the disk store: 64GiB, 50%, auto"),
     miss: str = typer.Option("auto", help="a device miss served from RAM: copy, cpu or auto"),
     hot_trace: Optional[Path] = typer.Option(None, help="routing trace whose most used experts stay pinned"),
+    active_experts: Optional[float] = typer.Option(None, help="LExI: per-layer top-k averaging this fraction of the "
+                                                   "model's top-k (0 < F <= 1) [default: the model's top-k]"),
     policy: str = typer.Option("lru", help="cache eviction policy"),
     predictor: Optional[str] = typer.Option(None, help="expert predictor for prefetch: gate, previous, ..."),
     lookahead: int = typer.Option(1, help="MoE layers the predictor looks ahead"),
@@ -102,7 +104,7 @@ def serve(
     options = dict(device=device, dtype=dtype, cache_experts=cache_experts, cache_memory=cache_memory, store=store,
                    store_dir=str(store_dir) if store_dir else None, bits=bits_option(bits), ram_memory=ram_memory, miss=miss,
                    hot_trace=str(hot_trace) if hot_trace else None, policy=policy,
-                   predictor=predictor, lookahead=lookahead, context=context)
+                   predictor=predictor, lookahead=lookahead, context=context, active_experts=active_experts)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     err.print(f"loading {path} ...")
     try:
