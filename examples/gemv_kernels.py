@@ -138,8 +138,8 @@ def main() -> None:
         for name in ps:
             table.setdefault(name, {})[mat] = (statistics.median(times[name]), errs[name])
     base = sum(v[0] for v in table["int4-g128 (today)"].values())
-    print(f"\n| path | gate_up 7168x1024 us | down 1024x3584 us | expert us | vs int4 today | rel. error "
-          f"gate_up / down |")
+    print("\n| path | gate_up 7168x1024 us | down 1024x3584 us | expert us | vs int4 today | rel. error "
+          "gate_up / down |")
     print("|---|---:|---:|---:|---:|---|")
     for name, row in table.items():
         tot = row["gate_up"][0] + row["down"][0]
