@@ -16,7 +16,8 @@ Paths (x is one bf16 token; weights Gaussian, std 0.02):
   _int_mm                  aten._int_mm: x quantized per tensor to int8 (timed), int32 accumulate, rescale
   compiled int8            torch.compile of (x @ W_int8.to(bf16).T) * scale: inductor's fused CPU kernel
 
-The error column is ||y - y_ref|| / ||y_ref||, with y_ref the same token through that path's own dequantized
+Also the one-off cost of linear_prepack per matrix (the packed weight is an opaque object, not a tensor: a
+slot would have to repack it on every load). The error column is ||y - y_ref|| / ||y_ref||, with y_ref the same token through that path's own dequantized
 weights in fp32: what the kernel (and any activation quantization) adds on top of the weight format.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ from offload.formats.quant import dequantize, parse_format, qlinear, quantize, t
 
 SHAPES = {"gate_up": (7168, 1024), "down": (1024, 3584)}
 Path = Callable[[torch.Tensor], torch.Tensor]   # one token [1, K] bf16 -> [1, N]
+PREPACK_MS: dict[str, list[float]] = {}          # linear_prepack's cost per matrix: what a load would pay
 
 
 def _q_per_row(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +68,9 @@ def paths(N: int, K: int, w: torch.Tensor, compile_: bool) -> dict[str, tuple[Pa
     qw = torch.quantize_per_channel(wdq, s.float(), torch.zeros(N, dtype=torch.long), 0, torch.qint8)
     for eng in ("fbgemm", "x86", "onednn", "qnnpack"):
         torch.backends.quantized.engine = eng
+        t0 = time.perf_counter()
         packed = torch.ops.quantized.linear_prepack(qw, None)
+        PREPACK_MS.setdefault(eng, []).append((time.perf_counter() - t0) * 1e3)
 
         def dyn(x, p=packed, e=eng):
             torch.backends.quantized.engine = e
@@ -145,7 +149,9 @@ def main() -> None:
         tot = row["gate_up"][0] + row["down"][0]
         print(f"| {name} | {row['gate_up'][0]:.0f} | {row['down'][0]:.0f} | {tot:.0f} | {tot / base:.2f} | "
               f"{row['gate_up'][1]:.1e} / {row['down'][1]:.1e} |")
-    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+    print("\nquantized::linear_prepack per matrix (gate_up, down), ms: " + "; ".join(
+        f"{e} {', '.join(f'{t:.0f}' for t in ts)}" for e, ts in PREPACK_MS.items()))
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
