@@ -45,6 +45,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from offload.errors import OffloadError
+
 out = Console()
 err = Console(stderr=True)
 
@@ -76,6 +78,10 @@ TOKENIZER_TEXT = [
 LLAMA_MISSING = "llama.cpp rows skipped: llama-cpp-python is not installed (pip install 'moe-offload[peers]')"
 NO_GGUF = "llama.cpp rows skipped: no --gguf FILE given (see examples/peers/README.md to make them)"
 REFERENCE = "transformers-eager"
+# The issue-16 comparison: each moe-offload width against llama.cpp at matching bits (and bf16 against the
+# eager reference); a peer row that did not run is left out of the ratios.
+PEERS = {"bf16": ("llama.cpp-f16", REFERENCE), "int8": ("llama.cpp-Q8_0",),
+         "int4": ("llama.cpp-Q4_K_M", "llama.cpp-Q4_0")}
 
 
 # --- the default subject ---------------------------------------------------------------------------
@@ -152,6 +158,7 @@ class Setting:
     label: str
     options: dict = field(default_factory=dict)
     lossless: bool = False   # must agree with the reference (same numerics)
+    peers: tuple[str, ...] = ()  # ids of the rows whose tok/s this one is divided by (the issue's targets)
 
 
 def int4_format(model_dir: Path) -> str:
@@ -172,7 +179,7 @@ def moe_settings(total: int, store_root: Path, int4: str = "int4-g128") -> list[
         return {"store": "disk", "store_dir": str(store_root / (f"bits{bits}" if bits != 4 else int4)), "bits": fmt}
 
     rows = [Setting("moe-bf16-100%-ram", "moe-offload", "bf16, all resident, ram tier",
-                    {"cache_experts": total}, lossless=True)]
+                    {"cache_experts": total}, lossless=True, peers=PEERS["bf16"])]
     for frac in (0.5, 0.25):
         pct = f"{frac:.0%}"
         rows.append(Setting(f"moe-bf16-{pct}-ram", "moe-offload", f"bf16, {pct} resident, ram tier",
@@ -186,6 +193,10 @@ def moe_settings(total: int, store_root: Path, int4: str = "int4-g128") -> list[
     for bits in (8, 4):
         rows.append(Setting(f"moe-int{bits}-100%-disk", "moe-offload", f"int{bits}, all resident, disk tier",
                             {"cache_experts": total, **disk(bits)}))
+        rows.append(Setting(f"moe-int{bits}-dense{bits}-100%", "moe-offload",
+                            f"int{bits} experts and dense_bits={bits}, all resident, disk tier",
+                            {"cache_experts": total, **disk(bits), "dense_bits": bits},
+                            peers=PEERS[f"int{bits}"]))
         rows.append(Setting(f"moe-int{bits}-25%-disk", "moe-offload", f"int{bits}, 25% resident, disk tier",
                             {"cache_experts": slots(0.25), **disk(bits)}))
         rows.append(Setting(f"moe-int{bits}-25%-disk-gate", "moe-offload",
@@ -752,6 +763,10 @@ def run_peers(model_dir: Path, ggufs: list[Path], threads: int, max_new_tokens: 
                                        min(len(g), len(ref_g)))
         with contextlib.suppress(OSError):
             lp.unlink()
+    for s in settings:
+        mine = rows[s.id].get("tok_s")
+        rows[s.id]["vs_peers"] = {p: mine / rows[p]["tok_s"] for p in s.peers
+                                  if mine and p in rows and rows[p].get("tok_s")}
     lossless = []
     for s in settings:
         r = rows[s.id]
@@ -815,6 +830,38 @@ def print_report(res: dict, console: Console) -> None:
                   f"vs {REFERENCE} (last prompt position; leading identical greedy tokens of 16).", highlight=False)
 
 
+def print_peer_table(runs: list[dict], console: Console) -> None:
+    """The issue-16 table: every llama.cpp row and every moe-offload row with peers, at each thread count of
+    this invocation, with its perplexity and its tok/s divided by each peer's from the same run."""
+    if not console.is_terminal:
+        console = Console(width=200)
+    t = Table(title="peers at matching bits: tok/s ratio = this row / the peer row, same run and thread count")
+    for c in ("setting", "threads", "tok/s", "ppl", "vs peers"):
+        t.add_column(c, justify="left" if c in ("setting", "vs peers") else "right")
+    shown = 0
+    for res in runs:
+        for r in res["rows"]:
+            if r["engine"] != "llama.cpp" and not r.get("vs_peers") and r["id"] != REFERENCE:
+                continue
+            ratios = ", ".join(f"{v:.2f}x {k}" for k, v in r.get("vs_peers", {}).items())
+            t.add_row(r["id"], str(res["threads"]), "-" if r.get("tok_s") is None else f"{r['tok_s']:.1f}",
+                      "-" if r.get("ppl") is None else f"{r['ppl']:.5g}", ratios or "-")
+            shown += 1
+    if shown:
+        console.print(t)
+
+
+def parse_threads(text: str) -> list[int]:
+    """'1' or '1,2' -> [1, 2]: each count is a full pass over the settings, one after the other."""
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise OffloadError(f"--threads takes positive integers, comma-separated (e.g. 1,2), got {text!r}")
+    return counts
+
+
 def register(app: typer.Typer) -> None:
     """Add `peers` to an offload-bench typer app."""
 
@@ -824,7 +871,8 @@ def register(app: typer.Typer) -> None:
                                                    show_default="a random 0.8B Mixtral built once in the work dir"),
         gguf: Optional[list[Path]] = typer.Option(None, "--gguf", help="GGUF file(s) of the same model for "
                                                   "llama.cpp, comma-separated or repeated", show_default="none"),
-        threads: int = typer.Option(1, min=1, help="CPU threads for every engine"),
+        threads: str = typer.Option("1", help="CPU threads for every engine; a list such as 1,2 runs every "
+                                              "setting at each count, one count after the other"),
         max_new_tokens: int = typer.Option(64, min=1, help="tokens decoded per timed run"),
         repeats: int = typer.Option(3, min=1, help="timed runs per setting (medians)"),
         memory_limit: Optional[str] = typer.Option(None, help="run each engine in a memory cgroup of this size "
@@ -860,11 +908,16 @@ def register(app: typer.Typer) -> None:
                 if not g.exists():
                     raise FileNotFoundError(f"GGUF file {g} does not exist")
             limit = parse_bytes(memory_limit) if memory_limit else None
-            res = run_peers(path.resolve(), ggufs, threads, max_new_tokens, repeats, limit, work,
-                            split_list(only), sequential, out, group_size)
-            print_report(res, out)
-            if json_path is not None:
-                json_path.write_text(json.dumps(res, indent=1, default=str))
+            runs = []
+            for n in parse_threads(threads):
+                res = run_peers(path.resolve(), ggufs, n, max_new_tokens, repeats, limit, work,
+                                split_list(only), sequential, out, group_size)
+                print_report(res, out)
+                runs.append(res)
+            print_peer_table(runs, out)
+            if json_path is not None:  # one thread count: that run's dict, as before; several: {"runs": [...]}
+                json_path.write_text(json.dumps(runs[0] if len(runs) == 1 else {"runs": runs}, indent=1,
+                                                default=str))
 
         guard(go)
 

@@ -91,3 +91,38 @@ def test_cgroup_probe_is_clean_or_says_why():
     assert cg.path.is_dir()
     cg.remove()
     assert not cg.path.exists()
+
+
+def test_threads_list_runs_each_count_and_divides_by_the_peer(tiny_dir, tmp_path):
+    path = tiny_dir("mixtral")
+    out = tmp_path / "peers.json"
+    r = runner.invoke(_app(), ["peers", str(path), "--max-new-tokens", "2", "--repeats", "1", "--json", str(out),
+                               "--threads", "1,2", "--work-dir", str(tmp_path / "work"),
+                               "--only", "transformers-eager,moe-bf16-100%-ram"])
+    assert r.exit_code == 0, r.output
+    runs = json.loads(out.read_text())["runs"]
+    assert [run["threads"] for run in runs] == [1, 2]
+    for run in runs:
+        rows = {row["id"]: row for row in run["rows"]}
+        ratio = rows["moe-bf16-100%-ram"]["vs_peers"]
+        # llama.cpp-f16 did not run: only the eager reference's ratio, from this run's own medians
+        assert ratio == {"transformers-eager": rows["moe-bf16-100%-ram"]["tok_s"] / rows["transformers-eager"]["tok_s"]}
+        assert rows["transformers-eager"]["vs_peers"] == {}
+    assert "peers at matching bits" in r.output and "x transformers-eager" in r.output
+
+
+def test_threads_must_be_positive_integers(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    for bad in ("0", "1,x", ""):
+        r = runner.invoke(_app(), ["peers", str(tmp_path), "--threads", bad, "--work-dir", str(tmp_path / "w")])
+        assert r.exit_code == 2 and "--threads takes positive integers" in r.output, (bad, r.output)
+
+
+def test_matching_bits_rows_quantize_the_dense_linears_too(tmp_path):
+    rows = {s.id: s for s in bench_peers.moe_settings(64, tmp_path, "int4-g128")}
+    assert rows["moe-int8-dense8-100%"].options == {"cache_experts": 64, "store": "disk", "bits": 8,
+                                                    "store_dir": str(tmp_path / "bits8"), "dense_bits": 8}
+    assert rows["moe-int4-dense4-100%"].options["bits"] == "int4-g128"
+    assert rows["moe-int4-dense4-100%"].options["dense_bits"] == 4
+    assert rows["moe-int4-dense4-100%"].peers == ("llama.cpp-Q4_K_M", "llama.cpp-Q4_0")
+    assert rows["moe-bf16-100%-ram"].peers == ("llama.cpp-f16", "transformers-eager")

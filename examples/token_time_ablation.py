@@ -1,0 +1,141 @@
+"""Where one moe-offload decode token's time goes (a Mixtral checkpoint, every expert resident, 1 thread), by
+ablation: each variant removes one more component (patched to return zeros of the right shape) on the same
+teacher-forced tokens after the same prompt; the order alternates every round; medians.
+
+    python examples/token_time_ablation.py MODEL_DIR --store-dir DIR [--bits int4-g128] [--dense-bits 4]
+                                           [--tokens 64] [--rounds 5]
+
+  full              everything
+  -expert kernel    the expert records' matmuls (offload.formats.record.qlinear) return zeros; the engine and
+                    the expert module's Python and small ops stay
+  -experts module   the offloaded experts' forward returns zeros (no engine at all)
+  -attention        MixtralAttention.forward returns zeros (q/k/v/o linears, RoPE, KV cache, SDPA)
+  -router           MixtralTopKRouter.forward returns a fixed (logits, weights, index)
+  -lm_head          lm_head returns zeros
+What is left: embedding, RMSNorms, residual adds, decoder-layer / model glue, rotary cos/sin, mask, cache.
+Also generate()'s per-token time against this manual loop.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import time
+from collections.abc import Iterator
+
+import torch
+import transformers.models.mixtral.modeling_mixtral as mm
+
+import offload.formats.record as record
+from offload.bench.peers import PROMPT_TEXT
+from offload.model import OffloadedModel
+
+VARIANTS = ["full", "-expert kernel", "-experts module", "-attention", "-router", "-lm_head"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir")
+    ap.add_argument("--store-dir", required=True)
+    ap.add_argument("--bits", default="int4-g128")
+    ap.add_argument("--dense-bits", type=int, default=None)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    om = OffloadedModel.from_pretrained(args.model_dir, bits=args.bits, store="disk", store_dir=args.store_dir,
+                                        cache_experts="100%", dense_bits=args.dense_bits)
+    hf = om.model
+    vocab = hf.config.vocab_size
+    ids = om.tokenizer(PROMPT_TEXT, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = om.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
+    forced = out[0, ids.shape[1]:].tolist()
+    experts_cls = next(type(m) for m in hf.modules() if type(m).__name__.startswith("Offloaded"))
+    fixed: dict = {}
+
+    @torch.inference_mode()
+    def decode_loop() -> float:
+        o = hf(ids, use_cache=True)
+        pkv = o.past_key_values
+        t = time.perf_counter()
+        for tok in forced:
+            o = hf(torch.tensor([[tok]]), past_key_values=pkv, use_cache=True)
+            pkv = o.past_key_values
+        return (time.perf_counter() - t) / len(forced)
+
+    @torch.inference_mode()
+    def gen_per_token() -> float:
+        t = time.perf_counter()
+        om.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        t1 = time.perf_counter() - t
+        t = time.perf_counter()
+        om.generate(ids, max_new_tokens=len(forced) + 1, min_new_tokens=len(forced) + 1, do_sample=False)
+        return (time.perf_counter() - t - t1) / len(forced)
+
+    @contextlib.contextmanager
+    def patched(level: int) -> Iterator[None]:
+        saved = []
+
+        def patch(obj, name, new):
+            saved.append((obj, name, getattr(obj, name)))
+            setattr(obj, name, new)
+        if level >= 1:
+            patch(record, "qlinear", lambda x, r, f, shape: torch.zeros(*x.shape[:-1], int(shape[0]), dtype=x.dtype))
+        if level >= 2:
+            patch(experts_cls, "forward", lambda self, h, *a, **k: torch.zeros_like(h))
+        if level >= 3:
+            patch(mm.MixtralAttention, "forward", lambda self, hidden_states, *a, **k:
+                  (torch.zeros_like(hidden_states), None))
+        if level >= 4:
+            orig = mm.MixtralTopKRouter.forward
+
+            def router(self, h):
+                if "r" not in fixed:  # one real routing, replayed: top-k output of the right shape and dtype
+                    fixed["r"] = tuple(t.clone() for t in orig(self, h))
+                return fixed["r"]
+            patch(mm.MixtralTopKRouter, "forward", router)
+        if level >= 5:
+            patch(hf.lm_head, "forward", lambda x: torch.zeros(*x.shape[:-1], vocab, dtype=x.dtype))
+        try:
+            yield
+        finally:
+            for obj, name, old in reversed(saved):
+                setattr(obj, name, old)
+
+    for lvl in range(len(VARIANTS)):  # warm every variant once
+        with patched(lvl):
+            decode_loop()
+    gen = "generate() per token (full)"
+    raw: dict[str, list[float]] = {v: [] for v in [*VARIANTS, gen]}
+    print(f"bits {args.bits}, dense_bits {args.dense_bits}, prompt {ids.shape[1]} tokens, {len(forced)} forced; "
+          f"load average before {os.getloadavg()[0]:.2f}", flush=True)
+    for r in range(args.rounds):
+        order = list(range(len(VARIANTS))) if r % 2 == 0 else list(reversed(range(len(VARIANTS))))
+        if r % 2 == 0:
+            raw[gen].append(gen_per_token())
+        for lvl in order:
+            with patched(lvl):
+                raw[VARIANTS[lvl]].append(decode_loop())
+        if r % 2 == 1:
+            raw[gen].append(gen_per_token())
+    med = {k: statistics.median(v) * 1e3 for k, v in raw.items()}
+    parts = [("expert kernel", med["full"] - med["-expert kernel"]),
+             ("engine + experts module: Python, routing bookkeeping, small ops",
+              med["-expert kernel"] - med["-experts module"]),
+             ("attention (q/k/v/o linears, RoPE, KV cache, SDPA)", med["-experts module"] - med["-attention"]),
+             ("router (gate linear, softmax, top-k)", med["-attention"] - med["-router"]),
+             ("lm_head", med["-router"] - med["-lm_head"]),
+             ("rest: embedding, RMSNorm, residuals, HF glue", med["-lm_head"]),
+             ("generate() on top of the manual loop", med[gen] - med["full"])]
+    print(f"\none decode token, median of {args.rounds} rounds: full loop {med['full']:.2f} ms "
+          f"({1e3 / med['full']:.1f} tok/s), generate() {med[gen]:.2f} ms; load average after "
+          f"{os.getloadavg()[0]:.2f}")
+    print("\n| part | ms | share of the loop |\n|---|---:|---:|")
+    for name, ms in parts:
+        print(f"| {name} | {ms:.2f} | {100 * ms / med['full']:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()
