@@ -190,6 +190,11 @@ def moe_settings(total: int, store_root: Path, int4: str = "int4-g128") -> list[
                         {"cache_experts": slots(0.25), "predictor": "gate"}, lossless=True))
     rows.append(Setting("moe-bf16-25%-disk-gate", "moe-offload", "bf16, 25% resident, disk tier, gate predictor",
                         {"cache_experts": slots(0.25), "predictor": "gate", **disk(16)}, lossless=True))
+    rows.append(Setting("moe-bf16-tiers", "moe-offload", "bf16, three tiers: RAM tier sized from free RAM "
+                        "(ram_memory=auto, computed in place), the rest on disk", {"ram_memory": "auto", **disk(16)},
+                        lossless=True))
+    rows.append(Setting("moe-int4-dense4-tiers", "moe-offload", f"{int4} experts and dense_bits=4, three tiers "
+                        "(ram_memory=auto)", {"ram_memory": "auto", **disk(4), "dense_bits": 4}))
     for bits in (8, 4):
         rows.append(Setting(f"moe-int{bits}-100%-disk", "moe-offload", f"int{bits}, all resident, disk tier",
                             {"cache_experts": total, **disk(bits)}))
@@ -228,6 +233,9 @@ def all_settings(model_dir: Path, ggufs: list[Path], work: Path) -> tuple[list[S
             fmt = _gguf_format(g)
             rows.append(Setting(f"llama.cpp-{fmt}", "llama.cpp", f"{fmt} GGUF ({g.name}), use_mmap=False",
                                 {"gguf": str(g)}))
+            rows.append(Setting(f"llama.cpp-{fmt}-mmap", "llama.cpp", f"{fmt} GGUF ({g.name}), mmap (llama.cpp's "
+                                f"default: pages the weights in and out under a memory limit)",
+                                {"gguf": str(g), "mmap": True}))
     key = hashlib.sha1(str(model_dir.resolve()).encode()).hexdigest()[:10]
     rows += moe_settings(total_experts(model_dir), work / "stores" / f"{model_dir.name}-{key}", int4_format(model_dir))
     return rows, notes
@@ -439,7 +447,7 @@ class _Llama:
         self.n_ctx = int(spec["n_ctx"])
         self.llm = llama_cpp.Llama(model_path=spec["options"]["gguf"], n_ctx=self.n_ctx, n_batch=512,
                                    n_threads=spec["threads"], n_threads_batch=spec["threads"], logits_all=True,
-                                   use_mmap=False, verbose=False, seed=0)
+                                   use_mmap=bool(spec["options"].get("mmap")), verbose=False, seed=0)
 
     def generate(self, ids: list[int], n: int) -> tuple[float, list[int], int, int]:
         self.llm.reset()
