@@ -236,8 +236,8 @@ class Int3(Grouped):
                 self.qsz_spec(fmt, N, K)]
 
     def pack(self, codes):
-        stream = packing.kernel_order(codes)
-        return {"qweight": packing.pack_bits(stream & 3, 2), "qhigh": packing.pack_bits(stream >> 2, 1)}
+        kernel = packing.pack_int4(codes)
+        return {"qweight": packing.pack_low2(kernel), "qhigh": packing.pack_bit2(kernel)}
 
     def expand(self, parts, flat):
         packing.add_high_bit(parts["qhigh"], packing.expand_2bit(parts["qweight"], 8 - 4, flat))
@@ -251,7 +251,7 @@ class Int2(Grouped):
         return [("qweight", (N * K // 4,), torch.uint8), self.qsz_spec(fmt, N, K)]
 
     def pack(self, codes):
-        return {"qweight": packing.pack_bits(packing.kernel_order(codes), 2)}
+        return {"qweight": packing.pack_low2(packing.pack_int4(codes))}
 
     def expand(self, parts, flat):
         packing.expand_2bit(parts["qweight"], 8 - 2, flat)

@@ -54,6 +54,19 @@ def test_pack_int4_matches_torch_packing(N, K):
         assert torch.equal(packing.relayout_int4(packed, N, K, layout, native), ref), layout
 
 
+@pytest.mark.parametrize("N,K", [(64, 128), (192, 96), (80, 64), (16, 32)])
+def test_pack_int4_in_steps_and_word_packers_equal_the_stream_packers(N, K, monkeypatch):
+    codes = torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=torch.Generator().manual_seed(N * K))
+    ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1)
+    monkeypatch.setattr(packing, "PACK_CHUNK", 64 * 32)  # one 64-row block per step, then the tail
+    assert torch.equal(packing.pack_int4(codes, packing.native_layout()), ref)
+    for top in (3, 7, 15):  # int2, int3 and any code: only the bits asked for are read
+        c = codes % (top + 1)
+        stream, kernel = packing.kernel_order(c), packing.pack_int4(c).view(-1)
+        assert torch.equal(packing.pack_low2(kernel), packing.pack_bits(stream & 3, 2))
+        assert torch.equal(packing.pack_bit2(kernel), packing.pack_bits((stream >> 2) & 1, 1))
+
+
 def test_int4_kernel_dequant_convention():
     """Known answer: the kernel computes w = (q - 8) * scale + zero (exact with power-of-two scale and zero)."""
     N, K, G = 32, 64, 32
