@@ -305,6 +305,8 @@ def test_parse_format():
     ("int4-z80", "applies to ternary only.*'ternary-z80'"),
     ("ternary-z0", "unknown weight format.*ternary-z80"),
     ("ternary-z100", "unknown weight format"),
+    ("int8-search", "int8 takes no group size or clip search"),
+    ("int4-search-g32", "unknown weight format.*then optionally -search"),
 ])
 def test_parse_format_errors(text, match):
     with pytest.raises(FormatError, match=match):
@@ -316,6 +318,10 @@ def test_qformat_validation_and_shape_errors():
         QFormat("int6")
     with pytest.raises(FormatError, match="int8 takes no group size"):
         QFormat("int8", 64)
+    with pytest.raises(FormatError, match="clip must be one of fast, search, got 'exact'"):
+        QFormat("int4", 32, clip="exact")
+    with pytest.raises(FormatError, match="applies to int4/int3/int2 only, got ternary"):
+        QFormat("ternary", clip="search")
     with pytest.raises(FormatError, match=r"resolve_format"):
         quant.storage_layout(QFormat("int4"), (64, 128))
     with pytest.raises(FormatError, match=r"divisible by 16.*int8/bf16"):
