@@ -21,6 +21,9 @@ FAST = {(4, 32): (1.0, 0.95), (4, 64): (1.0, 0.95), (4, 128): (1.0, 0.95, 0.9),
         (3, 32): (1.0, 0.9, 0.85), (3, 64): (1.0, 0.9, 0.8), (3, 128): (1.0, 0.85, 0.75),
         (2, 32): (1.0, 0.8, 0.7, 0.6), (2, 64): (1.0, 0.75, 0.65, 0.55), (2, 128): (1.0, 0.75, 0.65, 0.55)}
 CLIPS = ("fast", "search")
+# 2^23: for an integer c in 0..2^23, the fp32 2^23 + c has c in its low mantissa bits, so an int32 view narrowed
+# to uint8 yields c (~0.1 ns per code, against ~0.9 for torch's float -> uint8 conversion).
+MAGIC = float(1 << 23)
 CHUNK = 1 << 18  # candidate weights (rows x candidates) searched at a time: ~1 MB buffers stay in L2
 
 
@@ -69,8 +72,8 @@ def quantize_groups(w: torch.Tensor, bits: int, G: int, factors: tuple[float, ..
             least = torch.minimum(least, err[i])
         scale, zero = _grid(hi, lo, half, top, mid)                             # the winner's, recomputed
         q = q[0]
-        torch.sub(g, zero, out=q).div_(scale).round_().add_(mid).clamp_(0, top)
-        codes[r:r + n].view(g.shape).copy_(q)
+        torch.sub(g, zero, out=q).div_(scale).round_().add_(MAGIC + mid).clamp_(MAGIC, MAGIC + top)
+        codes[r:r + n].view(g.shape).copy_(q.view(torch.int32))  # the low byte of MAGIC + code is the code
         sz[r:r + n] = torch.cat([scale, zero], -1)
     return codes, sz.transpose(0, 1).contiguous()
 

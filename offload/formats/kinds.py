@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from offload.formats import packing
-from offload.formats.groupwise import CHUNK, quantize_groups, shrinks
+from offload.formats.groupwise import CHUNK, MAGIC, quantize_groups, shrinks
 from offload.formats.ternary import ternarize
 
 if TYPE_CHECKING:
@@ -118,7 +118,8 @@ class Int8(Kind):
         for r in range(0, N, rows):
             x = buf[:min(rows, N - r) * K].view(-1, K).copy_(w[r:r + rows])
             s = scales[r:r + rows].copy_((torch.maximum(x.amax(1), x.amin(1).neg_()) / 127).clamp_(min=1e-20))
-            q[r:r + rows] = x.div_(s.float()[:, None]).round_().clamp_(-127, 127)
+            x.div_(s.float()[:, None]).round_().clamp_(-127, 127).add_(MAGIC + 256)  # int32 view: low byte = code
+            q[r:r + rows] = x.view(torch.int32)
         return {"qweight": q, "scales": scales}
 
     def dequantize(self, fmt, parts, N, K):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from offload.formats import packing, quant
+from offload.formats import kinds, packing, quant
 from offload.errors import OffloadError
 from offload.formats.groupwise import quantize_groups, shrinks
 from offload.formats.quant import FormatError, QFormat, parse_format
@@ -65,6 +65,19 @@ def test_pack_int4_in_steps_and_word_packers_equal_the_stream_packers(N, K, monk
         stream, kernel = packing.kernel_order(c), packing.pack_int4(c).view(-1)
         assert torch.equal(packing.pack_low2(kernel), packing.pack_bits(stream & 3, 2))
         assert torch.equal(packing.pack_bit2(kernel), packing.pack_bits((stream >> 2) & 1, 1))
+
+
+def test_int8_codes_and_scales_equal_the_formula_in_chunks(monkeypatch):
+    """Row chunks and the int32-view narrowing give round(w / scale) exactly, negative codes and zero rows too."""
+    w = gaussian((300, 512), seed=5)
+    w[3], w[5, :7] = 0.0, 1e-30
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-20).bfloat16()
+    want = (w / scales.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    monkeypatch.setattr(kinds, "CHUNK", 7 * 512)  # chunks of 7 rows, a short last one
+    for x in (w, w.T.contiguous().T):  # contiguous and transposed storage
+        parts = quant.quantize(x, QFormat("int8"))
+        assert torch.equal(parts["qweight"], want) and torch.equal(parts["scales"], scales)
+    assert want.min() == -127 and want.max() == 127
 
 
 def test_int4_kernel_dequant_convention():
