@@ -141,8 +141,8 @@ def print_table(model_dir: Path, results: dict, formats: list[str], rounds: int)
         wall = [nbytes / 1e6 / statistics.median(x["seconds"] for x in rs) for rs in (base, after)]
         same = "yes" if base[0]["digest"] == after[0]["digest"] else "no"
         stages = [statistics.median(x["stages"][s] for x in after) for s in STAGES]
-        print(f"| {fmt} | {cpu[0]:.0f} ({wall[0]:.0f}) | {cpu[1]:.0f} ({wall[1]:.0f}) | {cpu[1] / cpu[0]:.2f}x | {same} | "
-              + " | ".join(f"{v:.3f}" for v in stages) + " |")
+        cells = [f"{cpu[0]:.0f} ({wall[0]:.0f})", f"{cpu[1]:.0f} ({wall[1]:.0f})", f"{cpu[1] / cpu[0]:.2f}x", same]
+        print(f"| {fmt} | " + " | ".join(cells + [f"{v:.3f}" for v in stages]) + " |")
     determinism = {fmt: len({x["digest"] for x in results["after", fmt]}) == 1 for fmt in formats}
     print(f"\nevery round's store byte-identical: {all(determinism.values())}", flush=True)
 

@@ -46,8 +46,9 @@ def quantize_groups(w: torch.Tensor, bits: int, G: int, factors: tuple[float, ..
 
     Codes are computed against the bf16-rounded scale and zero, i.e. against what is stored. Every
     candidate range of a chunk of rows is tried in one pass of each operation (in place, one buffer);
-    the first candidate with the least error wins, and the codes are computed once, for the winner. Rows are converted to fp32 a chunk at a time
-    into one reused buffer, so no fp32 copy of the matrix (nor its page faults) is ever made."""
+    the first candidate with the least error wins, and the codes are computed once, for the winner.
+    Rows are converted to fp32 a chunk at a time into one reused buffer: no fp32 copy of the matrix (nor
+    its page faults)."""
     N, K = w.shape
     top, mid = (1 << bits) - 1, 1 << (bits - 1)
     halves = [s / 2 for s in (factors or SHRINKS[bits])]
