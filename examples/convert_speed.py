@@ -1,117 +1,202 @@
-"""Weight-only conversion speed per expert format: this tree's clip search against an earlier commit's.
+"""Weight-only conversion speed per expert format, this tree against an earlier commit, with a per-stage breakdown.
 
-    python examples/convert_speed.py [MODEL_DIR] [--baseline REV] [--repeats 5]
+    python examples/convert_speed.py [--model demo|mixtral|DIR] [--baseline REV] [--repeats 3] [--experts 1]
+    python examples/convert_speed.py --calibration      # the calibration pass's tokens/s on the demo
 
-MODEL_DIR defaults to the shipped demo model. Each round converts the checkpoint's experts once per format
-and per implementation (`offload.store.convert.convert` into a fresh temporary store, progress off, one
-thread), alternating the two so drift hits both; the baseline is `offload/formats/groupwise.py` as of REV,
-loaded from git and swapped in for the int4/int3/int2 quantizer (every other step is this tree's). MB/s are
-of checkpoint expert bytes (bf16), medians over rounds. The codes are the same (tests/formats/test_groupwise.py);
-this prints whether the stores' bytes are too. A second table times the quantizer alone on one Gaussian matrix
-of `--matrix` shape (default 2048x4096, a real model's expert size: the demo's 576x256 ones are small enough
-for per-operation overhead to matter).
+`--model mixtral` builds a synthetic checkpoint in a temporary directory: Mixtral-8x7B expert shapes (w1/w3
+[14336, 4096], w2 [4096, 14336]), `--experts` of them in one layer, Gaussian bf16 (std 0.02).
+
+Each round converts the checkpoint's experts once per format and per tree (`offload.store.convert.convert`
+into a fresh temporary store, progress off, `torch.set_num_threads(1)`), each conversion in its own
+subprocess whose PYTHONPATH is that tree (the baseline is `git archive REV`), alternating the trees' order
+so drift hits both. MB/s are of checkpoint expert bytes (bf16), medians over rounds. "same bytes" compares
+the data files with the baseline's: a `-search` format against the baseline's plain one (same search).
+MB/s are per CPU-second of the converting process (`time.process_time`: on a shared, oversubscribed VM the
+wall clock mostly measures waiting for a core), wall-clock MB/s beside them. Stages are timed (CPU seconds)
+by wrapping the converter's calls; "write" is what remains (write, fsync, journal, the loop).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
+import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
-import types
 from pathlib import Path
-
-import torch
-from rich.console import Console
-from rich.table import Table
-
-from offload.config import OffloadConfig
-from offload.formats import groupwise, kinds
-from offload.store.convert import codec_for, convert
-from offload.store.source import open_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "offload" / "demo_model"
-FORMATS = ("int8", "int4-g32", "int4-adaptive", "int3-g32", "int2-g32", "ternary")
+FORMATS = ("int8", "int4-g32", "int4-g32-search", "int4-g64", "int4-g128", "int4-g128-search", "int4-adaptive",
+           "int3-g32", "int3-g32-search", "int2-g32", "int2-g32-search", "ternary", "ternary-z80")
+STAGES = ("read", "quantize", "pack codes", "record", "compress", "checksum", "write")
 
 
-def baseline_quantizer(rev: str):
-    """`quantize_groups` as `offload/formats/groupwise.py` had it at git revision `rev`."""
-    text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:offload/formats/groupwise.py"],
-                          capture_output=True, text=True, check=True).stdout
-    module = types.ModuleType("groupwise_baseline")
-    exec(compile(text, f"{rev}:groupwise.py", "exec"), module.__dict__)
-    return module.quantize_groups
+def build_mixtral(out: Path, experts: int) -> Path:
+    """A one-layer Mixtral checkpoint with 8x7B expert shapes: config.json plus the experts' safetensors."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import MixtralConfig
+
+    MixtralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=1, num_local_experts=experts,
+                  num_experts_per_tok=min(2, experts), num_attention_heads=32, num_key_value_heads=8,
+                  vocab_size=128).save_pretrained(out)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for e in range(experts):
+        for name, shape in (("w1", (14336, 4096)), ("w3", (14336, 4096)), ("w2", (4096, 14336))):
+            tensors[f"model.layers.0.block_sparse_moe.experts.{e}.{name}.weight"] = \
+                (torch.randn(shape, generator=g) * 0.02).bfloat16()
+    save_file(tensors, str(out / "model.safetensors"))
+    return out
 
 
-def convert_once(model_dir: Path, fmt: str, out: Path) -> tuple[float, int, str]:
-    """(seconds, checkpoint expert bytes, digest of the data file) of one conversion into `out`."""
+def worker(model_dir: Path, fmt: str, out: Path) -> dict:
+    """One timed conversion in this process (whichever tree PYTHONPATH names): seconds, bytes, digest, stages."""
+    import torch
+
+    from offload.config import OffloadConfig
+    from offload.formats import kinds
+    from offload.store import convert as conv
+    from offload.store.layout import ExpertLayout
+    from offload.store.source import open_checkpoint
+
+    torch.set_num_threads(1)
     cfg = OffloadConfig(store="disk", store_dir=str(out), bits=fmt)
     _hf, arch, source, _k = open_checkpoint(model_dir, cfg.dtype)
-    codec = codec_for(cfg, source, arch)
-    t0 = time.perf_counter()
-    convert(source, out, {"format": fmt}, codec, progress=False)
-    dt = time.perf_counter() - t0
+    codec = conv.codec_for(cfg, source, arch)
+    spent = dict.fromkeys(STAGES, 0.0)
+
+    def timed(stage, fn):
+        def call(*a, **kw):
+            t0 = time.process_time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[stage] += time.process_time() - t0
+        return call
+
+    source.read = timed("read", source.read)
+    codec.encode = timed("quantize", codec.encode)
+    for kind in {type(k) for k in kinds.KINDS.values()}:
+        if "pack" in vars(kind):
+            kind.pack = timed("pack codes", vars(kind)["pack"])
+    ExpertLayout.pack = timed("record", ExpertLayout.pack)
+    conv.compress, conv.checksum = timed("compress", conv.compress), timed("checksum", conv.checksum)
+    t0, c0 = time.perf_counter(), time.process_time()
+    conv.convert(source, out, {"format": fmt}, codec, progress=False)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    spent["quantize"] -= spent["pack codes"]  # encode's own time, less the packing inside it
+    spent["write"] = cpu - sum(spent.values())
     digest = hashlib.sha256((out / "experts.bin").read_bytes()).hexdigest()
-    return dt, len(source.keys()) * source.layout.nbytes, digest
+    return {"seconds": wall, "cpu": cpu, "bytes": len(source.keys()) * source.layout.nbytes, "digest": digest,
+            "stages": spent}
 
 
-def quantizer_alone(impls: dict, shape: tuple[int, int], repeats: int) -> Table:
-    """MB/s (bf16 bytes) of each implementation of `quantize_groups` on one matrix, alternating, medians."""
-    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    cases = [(bits, G) for bits in (4, 3, 2) for G in (128, 32)]
-    seconds = {(c, name): [] for c in cases for name in impls}
+def run_worker(tree: Path, model_dir: Path, fmt: str, out: Path) -> dict | None:
+    """One conversion in a subprocess on `tree`; None where the format's group size does not fit the experts."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    cmd = [sys.executable, __file__, "--worker", str(model_dir), fmt, str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode and "divisible by its group size" in proc.stderr:
+        return None
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def compare(model_dir: Path, baseline: Path, repeats: int, tmp: Path, formats: list[str]) -> None:
+    trees = {"before": baseline, "after": ROOT}
+    results: dict = {}
     for r in range(repeats):
-        for c in cases:
-            for name, fn in (impls.items() if r % 2 == 0 else reversed(impls.items())):
-                t0 = time.perf_counter()
-                fn(w, *c)
-                seconds[c, name].append(time.perf_counter() - t0)
-    table = Table(title=f"quantize_groups alone, Gaussian {shape[0]}x{shape[1]}, 1 thread, median of {repeats}")
-    table.add_column("format")
-    for name in impls:
-        table.add_column(f"MB/s {name}", justify="right")
-    table.add_column("speed-up", justify="right")
-    for bits, G in cases:
-        mbs = [2 * w.numel() / 1e6 / statistics.median(seconds[(bits, G), name]) for name in impls]
-        table.add_row(f"int{bits}-g{G}", *(f"{v:.0f}" for v in mbs), f"{mbs[1] / mbs[0]:.2f}x")
-    return table
+        for fmt in list(formats):
+            for name in (trees if r % 2 == 0 else reversed(list(trees))):
+                if name == "before" and fmt.endswith("-search"):
+                    continue  # the baseline's plain format is its (only) search
+                out = tmp / f"{r}-{name}-{fmt}"
+                got = run_worker(trees[name], model_dir, fmt, out)
+                subprocess.run(["rm", "-rf", str(out)], check=True)
+                if got is None:
+                    formats.remove(fmt)
+                    break
+                results.setdefault((name, fmt), []).append(got)
+        print_table(model_dir, results, formats, r + 1)
+
+
+def print_table(model_dir: Path, results: dict, formats: list[str], rounds: int) -> None:
+    """The table over the rounds so far (printed after each, so a long run's partial results are kept)."""
+    nbytes = results["after", formats[0]][0]["bytes"]
+    print(f"\n{model_dir.name}: {nbytes / 1e6:.0f} MB of bf16 experts, 1 thread, median of {rounds}; MB/s per "
+          f"CPU-second of the converting process (wall-clock MB/s in brackets); stages of 'after' in CPU seconds\n")
+    print("| format | MB/s before | MB/s after | speed-up | same bytes as before | "
+          + " | ".join(f"{s} s" for s in STAGES) + " |")
+    print("|---|---:|---:|---:|---|" + "---:|" * len(STAGES))
+    for fmt in formats:
+        after = results["after", fmt]
+        base = results["before", fmt.removesuffix("-search")]
+        cpu = [nbytes / 1e6 / statistics.median(x["cpu"] for x in rs) for rs in (base, after)]
+        wall = [nbytes / 1e6 / statistics.median(x["seconds"] for x in rs) for rs in (base, after)]
+        same = "yes" if base[0]["digest"] == after[0]["digest"] else "no"
+        stages = [statistics.median(x["stages"][s] for x in after) for s in STAGES]
+        cells = [f"{cpu[0]:.0f} ({wall[0]:.0f})", f"{cpu[1]:.0f} ({wall[1]:.0f})", f"{cpu[1] / cpu[0]:.2f}x", same]
+        print(f"| {fmt} | " + " | ".join(cells + [f"{v:.3f}" for v in stages]) + " |")
+    determinism = {fmt: len({x["digest"] for x in results["after", fmt]}) == 1 for fmt in formats}
+    print(f"\nevery round's store byte-identical: {all(determinism.values())}", flush=True)
+
+
+def calibration_pass(repeats: int) -> None:
+    """Tokens/s of `offload.store.calibrate.collect` on the demo, and where its time goes."""
+    import torch
+    from torch.profiler import profile
+
+    from offload.store import calibrate
+    from offload.store.source import open_checkpoint
+
+    torch.set_num_threads(1)
+    _hf, _arch, source, _k = open_checkpoint(DEMO, torch.bfloat16)
+    text = DEMO / "calibration.txt"
+    seconds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        stats = calibrate.collect(source, text, torch.bfloat16, progress=False)
+        seconds.append(time.perf_counter() - t0)
+    tokens = sum(s["tokens"] for s in stats.values()) // 2  # top-2: every token reaches two experts per layer
+    tokens //= len(source.layers)
+    print(f"calibration pass: {tokens} tokens, median {statistics.median(seconds):.1f} s of {repeats}, "
+          f"{tokens / statistics.median(seconds):.0f} tokens/s")
+    with profile() as p:
+        calibrate.collect(source, text, torch.bfloat16, progress=False)
+    print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))))
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model_dir", nargs="?", type=Path, default=DEMO)
-    ap.add_argument("--baseline", default="1f559fa", help="git revision of the clip search to compare against")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--matrix", default="2048x4096", help="NxK of the matrix the quantizer alone is timed on")
+    ap.add_argument("--model", default="demo", help="demo, mixtral (synthetic 8x7B expert shapes) or a checkpoint dir")
+    ap.add_argument("--baseline", default="731978a", help="git revision to compare against")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--experts", type=int, default=1, help="experts in the synthetic mixtral checkpoint")
+    ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated formats to convert")
+    ap.add_argument("--calibration", action="store_true", help="time the calibration pass instead")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    impls = {args.baseline: baseline_quantizer(args.baseline), "this tree": groupwise.quantize_groups}
-    seconds = {(f, i): [] for f in FORMATS for i in impls}
-    digests: dict[tuple[str, str], str] = {}
-    nbytes = 0
+    if args.calibration:
+        calibration_pass(args.repeats)
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.repeats):
-            for fmt in FORMATS:
-                for name, fn in (impls.items() if r % 2 == 0 else reversed(impls.items())):
-                    kinds.quantize_groups = fn
-                    dt, nbytes, digests[fmt, name] = convert_once(args.model_dir, fmt, Path(tmp) / f"{r}-{fmt}-{len(name)}")
-                    seconds[fmt, name].append(dt)
-    kinds.quantize_groups = impls["this tree"]
-    table = Table(title=f"weight-only conversion of {args.model_dir.name}'s experts ({nbytes / 1e6:.0f} MB bf16), "
-                        f"1 thread, median of {args.repeats}")
-    table.add_column("format")
-    for name in impls:
-        table.add_column(f"MB/s {name}", justify="right")
-    table.add_column("speed-up", justify="right")
-    table.add_column("same store bytes")
-    for fmt in FORMATS:
-        mbs = [nbytes / 1e6 / statistics.median(seconds[fmt, name]) for name in impls]
-        same = len({digests[fmt, name] for name in impls}) == 1
-        table.add_row(fmt, *(f"{v:.0f}" for v in mbs), f"{mbs[1] / mbs[0]:.2f}x", "yes" if same else "NO")
-    Console().print(table)
-    Console().print(quantizer_alone(impls, tuple(int(d) for d in args.matrix.split("x")), args.repeats))
+        tmp = Path(tmp)
+        baseline = tmp / "baseline"
+        baseline.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "offload", "cache", "predictors"],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive, check=True)
+        model = {"demo": DEMO}.get(args.model) or (build_mixtral(tmp / "mixtral", args.experts)
+                                                   if args.model == "mixtral" else Path(args.model))
+        compare(model, baseline, args.repeats, tmp, args.formats.split(","))
 
 
 if __name__ == "__main__":

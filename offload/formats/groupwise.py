@@ -13,7 +13,23 @@ import torch
 # min/max -> searched: int4-g128 0.100 -> 0.095, int3-g128 0.214 -> 0.184, int2-g128 0.501 -> 0.345.
 SHRINKS = {4: (1.0, 0.95, 0.9, 0.85), 3: (1.0, 0.95, 0.9, 0.85, 0.8, 0.75),
            2: (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55)}
-CHUNK = 1 << 20  # candidate weights (rows x candidates) searched at a time: bounds temporaries, amortises overhead
+# clip="fast": per (bits, G), the subset of those factors, 1.0 included (weights already on a grid stay exact),
+# whose search comes closest to the full one (exhaustive over subsets on Gaussian, Student-t(4) and the demo's
+# experts): relative weight error at most +0.44% for int4, +0.82% int3, +0.65% int2, for half the candidates
+# or fewer (docs/benchmarks/conversion.md). The search's cost is linear in its candidates.
+FAST = {(4, 32): (1.0, 0.95), (4, 64): (1.0, 0.95), (4, 128): (1.0, 0.95, 0.9),
+        (3, 32): (1.0, 0.9, 0.85), (3, 64): (1.0, 0.9, 0.8), (3, 128): (1.0, 0.85, 0.75),
+        (2, 32): (1.0, 0.8, 0.7, 0.6), (2, 64): (1.0, 0.75, 0.65, 0.55), (2, 128): (1.0, 0.75, 0.65, 0.55)}
+CLIPS = ("fast", "search")
+# 2^23: for an integer c in 0..2^23, the fp32 2^23 + c has c in its low mantissa bits, so an int32 view narrowed
+# to uint8 yields c (~0.1 ns per code, against ~0.9 for torch's float -> uint8 conversion).
+MAGIC = float(1 << 23)
+CHUNK = 1 << 18  # candidate weights (rows x candidates) searched at a time: ~1 MB buffers stay in L2
+
+
+def shrinks(bits: int, G: int, clip: str = "search") -> tuple[float, ...]:
+    """The clip factors `clip` ("fast" or "search") tries for `bits`-bit codes in groups of G."""
+    return FAST[bits, G] if clip == "fast" else SHRINKS[bits]
 
 
 def _grid(hi: torch.Tensor, lo: torch.Tensor, share: torch.Tensor, top: int, mid: int):
@@ -23,36 +39,43 @@ def _grid(hi: torch.Tensor, lo: torch.Tensor, share: torch.Tensor, top: int, mid
     return scale, ((hi + lo) / 2 - half + mid * scale).bfloat16().float()
 
 
-def quantize_groups(w: torch.Tensor, bits: int, G: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] -> (codes uint8 [N, K] in 0..2^bits-1, qsz bf16 [K/G, N, 2] = (scale, zero) per group).
+def quantize_groups(w: torch.Tensor, bits: int, G: int, factors: tuple[float, ...] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] (any float dtype, any strides) -> (codes uint8 [N, K] in 0..2^bits-1, qsz bf16 [K/G, N, 2] =
+    (scale, zero) per group), trying the clip `factors` (default: every one in SHRINKS).
 
     Codes are computed against the bf16-rounded scale and zero, i.e. against what is stored. Every
     candidate range of a chunk of rows is tried in one pass of each operation (in place, one buffer);
-    the first candidate with the least error wins, and the codes are computed once, for the winner."""
+    the first candidate with the least error wins, and the codes are computed once, for the winner.
+    Rows are converted to fp32 a chunk at a time into one reused buffer: no fp32 copy of the matrix (nor
+    its page faults)."""
     N, K = w.shape
     top, mid = (1 << bits) - 1, 1 << (bits - 1)
-    halves = [s / 2 for s in SHRINKS[bits]]
+    halves = [s / 2 for s in (factors or SHRINKS[bits])]
+    S = len(halves)
     stacked = torch.tensor(halves, device=w.device).view(-1, 1, 1, 1)          # [S, 1, 1, 1]
     codes = torch.empty(N, K, dtype=torch.uint8, device=w.device)
     sz = torch.empty(N, K // G, 2, dtype=torch.bfloat16, device=w.device)
-    rows = max(1, CHUNK // (len(halves) * K))
-    buf = torch.empty(len(halves) * min(rows, N) * K, device=w.device)
+    rows = max(1, CHUNK // (S * K))
+    R = min(rows, N)
+    x, c = torch.empty(R * K, device=w.device), torch.empty(S * R * K, device=w.device)
     for r in range(0, N, rows):
-        g = w[r:r + rows].float().view(-1, K // G, G)                          # [R, K/G, G]
+        n = min(rows, N - r)
+        g = x[:n * K].view(n, K).copy_(w[r:r + n]).view(n, K // G, G)           # [R, K/G, G]
         hi, lo = g.amax(-1, keepdim=True), g.amin(-1, keepdim=True)
         scale, zero = _grid(hi, lo, stacked, top, mid)                          # [S, R, K/G, 1]
-        c = buf[:len(halves) * g.numel()].view(len(halves), *g.shape)          # [S, R, K/G, G]
-        torch.sub(g, zero, out=c).div_(scale).round_().clamp_(-mid, top - mid)  # = codes - mid, exactly
-        err = c.mul_(scale).add_(zero).sub_(g).square_().sum(-1, keepdim=True)
+        q = c[:S * g.numel()].view(S, *g.shape)                                # [S, R, K/G, G]
+        torch.sub(g, zero, out=q).div_(scale).round_().clamp_(-mid, top - mid)  # = codes - mid, exactly
+        err = q.mul_(scale).add_(zero).sub_(g).square_().sum(-1, keepdim=True)  # [S, R, K/G, 1]
         least, half = err[0], torch.full_like(hi, halves[0])
-        for i in range(1, len(halves)):  # the first candidate of least error wins
+        for i in range(1, S):  # the first candidate of least error wins
             half.masked_fill_(err[i] < least, halves[i])
             least = torch.minimum(least, err[i])
         scale, zero = _grid(hi, lo, half, top, mid)                             # the winner's, recomputed
-        q = c[0]
-        torch.sub(g, zero, out=q).div_(scale).round_().add_(mid).clamp_(0, top)
-        codes[r:r + rows] = q.view(-1, K)
-        sz[r:r + rows] = torch.cat([scale, zero], -1)
+        q = q[0]
+        torch.sub(g, zero, out=q).div_(scale).round_().add_(MAGIC + mid).clamp_(MAGIC, MAGIC + top)
+        codes[r:r + n].view(g.shape).copy_(q.view(torch.int32))  # the low byte of MAGIC + code is the code
+        sz[r:r + n] = torch.cat([scale, zero], -1)
     return codes, sz.transpose(0, 1).contiguous()
 
 

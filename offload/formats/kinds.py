@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from offload.formats import packing
-from offload.formats.groupwise import quantize_groups
+from offload.formats.groupwise import CHUNK, MAGIC, quantize_groups, shrinks
 from offload.formats.ternary import ternarize
 
 if TYPE_CHECKING:
@@ -42,7 +42,8 @@ class Kind:
         raise NotImplementedError
 
     def quantize(self, fmt: QFormat, w: torch.Tensor) -> Parts:
-        """W [N, K] (fp32) -> the storage form, laid out as `storage_layout`."""
+        """W [N, K] (any float dtype and strides; converted a chunk at a time) -> the storage form, laid out as
+        `storage_layout`."""
         raise NotImplementedError
 
     def dequantize(self, fmt: QFormat, parts: Parts, N: int, K: int) -> torch.Tensor:
@@ -108,8 +109,17 @@ class Int8(Kind):
         return [("qweight", (N, K), torch.int8), ("scales", (N,), torch.bfloat16)]
 
     def quantize(self, fmt, w):
-        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-20).bfloat16()
-        q = (w / scales.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        """A chunk of rows at a time through one reused fp32 buffer: no fp32 copy of the matrix is made."""
+        N, K = w.shape
+        q = torch.empty(N, K, dtype=torch.int8, device=w.device)
+        scales = torch.empty(N, dtype=torch.bfloat16, device=w.device)
+        rows = max(1, CHUNK // K)
+        buf = torch.empty(min(rows, N) * K, device=w.device)
+        for r in range(0, N, rows):
+            x = buf[:min(rows, N - r) * K].view(-1, K).copy_(w[r:r + rows])
+            s = scales[r:r + rows].copy_((torch.maximum(x.amax(1), x.amin(1).neg_()) / 127).clamp_(min=1e-20))
+            x.div_(s.float()[:, None]).round_().clamp_(-127, 127).add_(MAGIC + 256)  # int32 view: low byte = code
+            q[r:r + rows] = x.view(torch.int32)
         return {"qweight": q, "scales": scales}
 
     def dequantize(self, fmt, parts, N, K):
@@ -190,7 +200,7 @@ class Grouped(Int4Coded):
         return ("qsz", (K // fmt.group_size, N, 2), torch.bfloat16)
 
     def quantize(self, fmt, w):
-        codes, qsz = quantize_groups(w, self.bits, fmt.group_size)
+        codes, qsz = quantize_groups(w, self.bits, fmt.group_size, shrinks(self.bits, fmt.group_size, fmt.clip))
         return {**self.pack(codes), "qsz": qsz}
 
     def pack(self, codes: torch.Tensor) -> Parts:
@@ -227,8 +237,8 @@ class Int3(Grouped):
                 self.qsz_spec(fmt, N, K)]
 
     def pack(self, codes):
-        stream = packing.kernel_order(codes)
-        return {"qweight": packing.pack_bits(stream & 3, 2), "qhigh": packing.pack_bits(stream >> 2, 1)}
+        kernel = packing.pack_int4(codes)
+        return {"qweight": packing.pack_low2(kernel), "qhigh": packing.pack_bit2(kernel)}
 
     def expand(self, parts, flat):
         packing.add_high_bit(parts["qhigh"], packing.expand_2bit(parts["qweight"], 8 - 4, flat))
@@ -242,7 +252,7 @@ class Int2(Grouped):
         return [("qweight", (N * K // 4,), torch.uint8), self.qsz_spec(fmt, N, K)]
 
     def pack(self, codes):
-        return {"qweight": packing.pack_bits(packing.kernel_order(codes), 2)}
+        return {"qweight": packing.pack_low2(packing.pack_int4(codes))}
 
     def expand(self, parts, flat):
         packing.expand_2bit(parts["qweight"], 8 - 2, flat)

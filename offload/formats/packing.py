@@ -25,6 +25,7 @@ import torch
 LAYOUTS: dict[str, tuple[int, bool]] = {"avx512": (64, True), "avx2": (32, True),
                                         "scalar32": (32, False), "scalar16": (16, False)}
 CANONICAL = "avx512"
+PACK_CHUNK = 1 << 18  # codes packed at a time by pack_int4
 
 if sys.byteorder != "little":  # the int16/int32 views below read bytes in little-endian order
     raise ImportError("offload.formats.packing assumes a little-endian CPU")
@@ -42,10 +43,12 @@ def pack_int4(codes: torch.Tensor, layout: str = CANONICAL) -> torch.Tensor:
     N, K = codes.shape
     full, block, half = _blocks(N, layout)
     out = torch.empty(N * K // 2, dtype=torch.uint8, device=codes.device)
-    if full:
-        c = codes[:full].view(full // block, 2, block // 2, K) if half else \
-            codes[:full].view(full // block, block // 2, 2, K).transpose(1, 2)        # [B, lo/hi, h, K]
-        out[:full * K // 2].view(full // block, K, block // 2).copy_((c[:, 0] | c[:, 1] << 4).transpose(1, 2))
+    step = max(1, PACK_CHUNK // (block * K)) * block  # rows per step: temporaries stay small (no page faults)
+    for r in range(0, full, step):
+        n = min(step, full - r)
+        c = codes[r:r + n].view(n // block, 2, block // 2, K) if half else \
+            codes[r:r + n].view(n // block, block // 2, 2, K).transpose(1, 2)        # [B, lo/hi, h, K]
+        out[r * K // 2:(r + n) * K // 2].view(n // block, K, block // 2).copy_((c[:, 0] | c[:, 1] << 4).transpose(1, 2))
     if N > full:  # tail block: pairs of adjacent rows
         t = codes[full:].view((N - full) // 2, 2, K)
         out[full * K // 2:].view(K, (N - full) // 2).copy_((t[:, 0] | t[:, 1] << 4).t())
@@ -69,6 +72,29 @@ def unpack_int4(packed: torch.Tensor, N: int, K: int, layout: str = CANONICAL) -
         torch.bitwise_and(b, 15, out=lo)
         torch.bitwise_right_shift(b, 4, out=hi)
     return codes
+
+
+def pack_low2(kernel: torch.Tensor) -> torch.Tensor:
+    """Kernel bytes [M/2] -> the low two bits of each code in kernel order, four to a byte [M/4]: equal to
+    `pack_bits(kernel_order(codes) & 3, 2)`, computed on 16-bit words (two kernel bytes -> one byte) instead of
+    a nibble stream (int2/int3 packing: ~6x less time on 4096x14336)."""
+    x = kernel.reshape(-1).view(torch.int16) & 0x3333    # per nibble: its low two bits (bit 15 clear: no sign)
+    x |= x >> 2                                          # per byte: lo | hi << 2 in its low nibble
+    x &= 0x0F0F
+    x |= x >> 4                                          # low byte: byte 0's nibble | byte 1's << 4
+    return x.to(torch.uint8)                             # keeps the low byte
+
+
+def pack_bit2(kernel: torch.Tensor) -> torch.Tensor:
+    """Kernel bytes [M/2] -> bit 2 of each code in kernel order, eight to a byte [M/8]: equal to
+    `pack_bits((kernel_order(codes) >> 2) & 1, 1)` (int3's high plane), on 32-bit words."""
+    x = (kernel.reshape(-1).view(torch.int32) >> 2) & 0x11111111  # nibble m's bit at 4m (sign bits masked off)
+    x |= x >> 3                                                     # pairs at bits 8j, 8j + 1
+    x &= 0x03030303
+    x |= x >> 6                                                     # quads at bits 0-3 and 16-19
+    x &= 0x000F000F
+    x |= x >> 12
+    return x.to(torch.uint8)
 
 
 def nibbles_to_bytes(stream: torch.Tensor) -> torch.Tensor:

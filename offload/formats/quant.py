@@ -24,7 +24,7 @@ import torch
 
 from offload.errors import OffloadError
 from offload.formats.kinds import KINDS as KIND_OBJECTS, Int4Coded, Kind, Layout
-from offload.formats.groupwise import range_inflation
+from offload.formats.groupwise import CLIPS, range_inflation
 
 KINDS = tuple(KIND_OBJECTS)
 GROUPED = tuple(name for name, k in KIND_OBJECTS.items() if k.grouped)  # kinds that take a group size
@@ -42,6 +42,7 @@ class QFormat:
     kind: str            # one of KINDS
     group_size: int = 0  # int4/int3/int2: 32, 64, 128 (0 = adaptive, resolve per matrix); others: 0
     zeros: int = 0       # ternary: percent of each row's codes that are zero, 1..99 (0 = the error optimum)
+    clip: str = "fast"   # int4/int3/int2 clip search: "fast" (2-3 candidate ranges) or "search" (all of them)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -49,6 +50,10 @@ class QFormat:
         if self.zeros and (self.kind != "ternary" or not 0 < self.zeros < 100):
             raise FormatError(f"-z{self.zeros} (percent of zero codes, 1..99) applies to ternary only, got "
                               f"{self.kind}; use e.g. 'ternary-z80'")
+        if self.clip not in CLIPS:
+            raise FormatError(f"clip must be one of {', '.join(CLIPS)}, got {self.clip!r}")
+        if self.clip != "fast" and self.kind not in GROUPED:
+            raise FormatError(f"-{self.clip} (the clip search) applies to int4/int3/int2 only, got {self.kind}")
         if self.kind in GROUPED:
             if self.group_size not in (0, *GROUP_SIZES):
                 raise FormatError(f"{self.kind} group size must be one of {GROUP_SIZES} (or 0 = adaptive), "
@@ -85,26 +90,30 @@ class QFormat:
             return f"{self.kind}-z{self.zeros}"
         if self.kind not in GROUPED:
             return self.kind
-        return f"{self.kind}-adaptive" if self.adaptive else f"{self.kind}-g{self.group_size}"
+        suffix = "" if self.clip == "fast" else f"-{self.clip}"
+        return (f"{self.kind}-adaptive" if self.adaptive else f"{self.kind}-g{self.group_size}") + suffix
 
 
 def parse_format(text: str) -> QFormat:
-    """'bf16', 'fp32', 'int8', 'ternary', 'ternary-z80', 'int4' (= int4-g128), 'int4-g64', 'int3-adaptive', ..."""
-    m = re.fullmatch(r"(bf16|fp32|int8|int4|int3|int2|ternary)(?:-(?:g(\d+)|(adaptive)|z([1-9]\d?)))?",
+    """'bf16', 'fp32', 'int8', 'ternary', 'ternary-z80', 'int4' (= int4-g128), 'int4-g64', 'int3-adaptive', ...;
+    int4/int3/int2 may end in '-search' (every clip candidate, `groupwise.SHRINKS`) instead of the fast default."""
+    m = re.fullmatch(r"(bf16|fp32|int8|int4|int3|int2|ternary)(?:-(?:g(\d+)|(adaptive)|z([1-9]\d?)))?(-search)?",
                      text.strip().lower())
     if m is None:
         raise FormatError(f"unknown weight format {text!r}: expected bf16, fp32, int8, ternary (or ternary-z80: 80% "
                           f"zeros), or int4/int3/int2 optionally followed by -g32, -g64, -g128 or -adaptive (e.g. "
-                          f"'int4-g64')")
-    kind, group, adaptive, zeros = m.groups()
-    if (group or adaptive) and kind not in GROUPED:
-        raise FormatError(f"{text!r}: {kind} takes no group size; -gN and -adaptive apply to int4/int3/int2 only")
+                          f"'int4-g64'), then optionally -search (e.g. 'int4-g64-search')")
+    kind, group, adaptive, zeros, search = m.groups()
+    if (group or adaptive or search) and kind not in GROUPED:
+        raise FormatError(f"{text!r}: {kind} takes no group size or clip search; -gN, -adaptive and -search apply "
+                          f"to int4/int3/int2 only")
     if zeros:
         return QFormat(kind, zeros=int(zeros))
+    clip = "search" if search else "fast"
     if adaptive:
-        return QFormat(kind, 0)
+        return QFormat(kind, 0, clip=clip)
     if kind in GROUPED:
-        return QFormat(kind, int(group) if group else DEFAULT_GROUP_SIZE)
+        return QFormat(kind, int(group) if group else DEFAULT_GROUP_SIZE, clip=clip)
     return QFormat(kind)
 
 
@@ -164,8 +173,7 @@ def compute_layout(fmt: QFormat, shape, device_type: str = "cpu") -> Layout:
 def quantize(w: torch.Tensor, fmt: QFormat) -> dict[str, torch.Tensor]:
     """W [N, K] (any float dtype) -> the storage form, laid out as `storage_layout(fmt, w.shape)`."""
     _check(fmt, w.shape)
-    w = w.detach()
-    return fmt.kind_object.quantize(fmt, w if fmt.dense else w.float())
+    return fmt.kind_object.quantize(fmt, w.detach())
 
 
 def dequantize(parts: dict[str, torch.Tensor], fmt: QFormat, shape) -> torch.Tensor:

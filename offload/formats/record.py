@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
@@ -135,7 +135,7 @@ class RecordCodec:
                                "bit width of 8 or less, or none at all")
         kinds = []
         for f in fmts:
-            options = [QFormat(f.kind, g) for g in GROUP_SIZES] if f.adaptive else [f]
+            options = [replace(f, group_size=g) for g in GROUP_SIZES] if f.adaptive else [f]
             usable = [o for o in options if self._fits(o)]
             if not usable:
                 ks = sorted({s[1] for s in self.shapes})
@@ -164,7 +164,7 @@ class RecordCodec:
     def encode(self, key: tuple[int, int], tensors: dict[str, torch.Tensor]):
         """Dense record tensors -> (kind name, storage layout, storage tensors): the converter's encoder."""
         fmt = self.rule(*key)
-        mats = {m: (tensors[m].T if self.transposed else tensors[m]).float() for m in MATRICES}
+        mats = {m: tensors[m].T if self.transposed else tensors[m] for m in MATRICES}  # quantizers convert by chunks
         fmts = tuple(resolve_format(fmt, mats[m]) for m in MATRICES)
         kind = self.kind(fmts)
         out = {}

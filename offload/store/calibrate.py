@@ -112,6 +112,8 @@ def collect(source: CheckpointSource, text: Path, dtype: torch.dtype, progress: 
                 s[name] = x32.T @ x32
             if name == "gate_up":
                 s["tokens"] += len(x)
+            elif name == "down":  # its output is discarded (the engine computes the layer): skip the matmul
+                return x.new_zeros(len(x), w[name].shape[1 if transposed else 0])
             return x @ w[name] if transposed else F.linear(x, w[name])
         return linear
 

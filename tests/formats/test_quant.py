@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from offload.formats import packing, quant
+from offload.formats import kinds, packing, quant
 from offload.errors import OffloadError
-from offload.formats.groupwise import quantize_groups
+from offload.formats.groupwise import quantize_groups, shrinks
 from offload.formats.quant import FormatError, QFormat, parse_format
 from offload.formats.ternary import ternarize
 
@@ -52,6 +52,32 @@ def test_pack_int4_matches_torch_packing(N, K):
         packed = packing.pack_int4(codes.to(torch.uint8), layout)
         assert torch.equal(packing.unpack_int4(packed, N, K, layout), codes.to(torch.uint8)), layout
         assert torch.equal(packing.relayout_int4(packed, N, K, layout, native), ref), layout
+
+
+@pytest.mark.parametrize("N,K", [(64, 128), (192, 96), (80, 64), (16, 32)])
+def test_pack_int4_in_steps_and_word_packers_equal_the_stream_packers(N, K, monkeypatch):
+    codes = torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=torch.Generator().manual_seed(N * K))
+    ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1)
+    monkeypatch.setattr(packing, "PACK_CHUNK", 64 * 32)  # one 64-row block per step, then the tail
+    assert torch.equal(packing.pack_int4(codes, packing.native_layout()), ref)
+    for top in (3, 7, 15):  # int2, int3 and any code: only the bits asked for are read
+        c = codes % (top + 1)
+        stream, kernel = packing.kernel_order(c), packing.pack_int4(c).view(-1)
+        assert torch.equal(packing.pack_low2(kernel), packing.pack_bits(stream & 3, 2))
+        assert torch.equal(packing.pack_bit2(kernel), packing.pack_bits((stream >> 2) & 1, 1))
+
+
+def test_int8_codes_and_scales_equal_the_formula_in_chunks(monkeypatch):
+    """Row chunks and the int32-view narrowing give round(w / scale) exactly, negative codes and zero rows too."""
+    w = gaussian((300, 512), seed=5)
+    w[3], w[5, :7] = 0.0, 1e-30
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-20).bfloat16()
+    want = (w / scales.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    monkeypatch.setattr(kinds, "CHUNK", 7 * 512)  # chunks of 7 rows, a short last one
+    for x in (w, w.T.contiguous().T):  # contiguous and transposed storage
+        parts = quant.quantize(x, QFormat("int8"))
+        assert torch.equal(parts["qweight"], want) and torch.equal(parts["scales"], scales)
+    assert want.min() == -127 and want.max() == 127
 
 
 def test_int4_kernel_dequant_convention():
@@ -235,7 +261,7 @@ def test_int3_int2_codes_are_the_quantizer_codes():
     """Bit-packing int3/int2 into planes and expanding them through the kernel layout loses nothing."""
     w = gaussian((96, 256), seed=7)
     for kind, bits in (("int3", 3), ("int2", 2)):
-        ref, _ = quantize_groups(w, bits, 64)
+        ref, _ = quantize_groups(w, bits, 64, shrinks(bits, 64, "fast"))
         got = quant.unpack_codes(quant.quantize(w, QFormat(kind, 64)), QFormat(kind, 64), w.shape)
         assert got.max() <= 8 + (1 << (bits - 1)) - 1 and got.min() >= 8 - (1 << (bits - 1))
         assert torch.equal(got, ref + 8 - (1 << (bits - 1)))
@@ -292,6 +318,8 @@ def test_parse_format():
     ("int4-z80", "applies to ternary only.*'ternary-z80'"),
     ("ternary-z0", "unknown weight format.*ternary-z80"),
     ("ternary-z100", "unknown weight format"),
+    ("int8-search", "int8 takes no group size or clip search"),
+    ("int4-search-g32", "unknown weight format.*then optionally -search"),
 ])
 def test_parse_format_errors(text, match):
     with pytest.raises(FormatError, match=match):
@@ -303,6 +331,10 @@ def test_qformat_validation_and_shape_errors():
         QFormat("int6")
     with pytest.raises(FormatError, match="int8 takes no group size"):
         QFormat("int8", 64)
+    with pytest.raises(FormatError, match="clip must be one of fast, search, got 'exact'"):
+        QFormat("int4", 32, clip="exact")
+    with pytest.raises(FormatError, match="applies to int4/int3/int2 only, got ternary"):
+        QFormat("ternary", clip="search")
     with pytest.raises(FormatError, match=r"resolve_format"):
         quant.storage_layout(QFormat("int4"), (64, 128))
     with pytest.raises(FormatError, match=r"divisible by 16.*int8/bf16"):
