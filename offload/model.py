@@ -115,15 +115,6 @@ class OffloadedModel:
                         prefetch_width=cfg.prefetch_width, codec=codec, tracer=tracer,
                         min_precision=cfg.prefetch_min_precision, worker=worker, ram=ram, miss=miss,
                         host_codec=host_codec, tier="ram" if plan.in_place else "device")
-        if cfg.hot_trace is not None:
-            from offload.engine.hot_set import hot_keys
-
-            engine.pin_hot(hot_keys(cfg.hot_trace, moe_layers, num_experts, capacity, top_k))
-            engine.stats.reset()
-            cache.stats.hits = cache.stats.misses = cache.stats.evictions = 0
-            if ram is not None:
-                ram.stats.reset()
-                ram.cache.stats.hits = ram.cache.stats.misses = ram.cache.stats.evictions = 0
         hooks = []
         if engine.entry:
             hooks = (hook_layer_entries(model, moe_layers, engine.enter)
@@ -134,6 +125,11 @@ class OffloadedModel:
                 if not hasattr(module, "is_transposed"):  # undecorated classes (Llama-4) carry no flags
                     module.is_transposed = arch.transposed
         loaded = cls(model, engine, cfg, arch, source, plan, _load_tokenizer(model_dir), hooks)
+        if cfg.hot_trace is not None:
+            from offload.engine.hot_set import hot_keys
+
+            engine.pin_hot(hot_keys(cfg.hot_trace, moe_layers, num_experts, capacity, top_k))
+            loaded.reset_stats()  # loading the hot set is placement, not the run's traffic
         if cfg.active_experts is not None:
             engine.active = ActiveExperts.for_model(cfg.active_experts, loaded, hf_config)
             loaded.plan = dataclasses.replace(plan, active_experts=engine.active.describe())

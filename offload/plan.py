@@ -161,12 +161,13 @@ def make_plan(cfg: OffloadConfig, hf_config, source: CheckpointSource, expert_by
     from offload.formats.dense_linears import non_expert_bytes
 
     non_expert = non_expert_bytes(source, hf_config, cfg.dense_bits)
+    cpu = cfg.device == "cpu"
     free = device_free(cfg.device)
+    avail = free if cpu else ram_available()  # read once: it walks the process's memory cgroups
     vm = psutil.virtual_memory()
     total = len(source.keys())
-    budget = free - max(int(free * HEADROOM), MIN_HEADROOM) - non_expert - kv
+    budget = free - _headroom(free) - non_expert - kv
     capacity = cache_slots(cfg.cache_experts, cfg.cache_memory, total, expert_bytes)
-    cpu = cfg.device == "cpu"
     ram_memory = cfg.ram_memory if cfg.ram_memory is not None or cpu or cfg.store != "disk" else "auto"
     # a CPU's slots are RAM: one pool, the RAM tier, computed in place (unless copies into a second are asked for)
     in_place = cpu and cfg.store == "disk" and not (cfg.ram_memory is not None and cfg.miss == "copy")
@@ -198,10 +199,10 @@ def make_plan(cfg: OffloadConfig, hf_config, source: CheckpointSource, expert_by
     if in_place:
         ram_capacity = min(capacity, total)
     elif ram_memory is not None:
-        ram_budget = (budget - resident) if cpu else (ram_available() - _headroom(ram_available()))
+        ram_budget = (budget - resident) if cpu else (avail - _headroom(avail))
         ram_capacity = ram_slots(ram_memory, total, host_bytes or expert_bytes, ram_budget, top_k)
     limits = [limit for limit, _ in cgroup_limits()]
-    return MemoryPlan(device=cfg.device, device_free=free, ram_total=vm.total, ram_available=ram_available(),
+    return MemoryPlan(device=cfg.device, device_free=free, ram_total=vm.total, ram_available=avail,
                       ram_limit=min(limits, default=0),
                       non_expert_bytes=non_expert, kv_bytes=kv, context=context, expert_bytes=expert_bytes,
                       total_experts=total, store=cfg.store,

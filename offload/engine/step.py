@@ -37,7 +37,7 @@ class Engine:
         self.num_experts, self.top_k, self.moe_layers = num_experts, top_k, moe_layers
         self.stats = EngineStats()
         self.ram, self.miss, self.host_codec, self.tier = ram, miss, host_codec, tier
-        self.cpu_experts = 0  # device misses computed on the CPU from the RAM tier
+        self.cpu_experts = 0  # expert uses computed on the CPU from the RAM tier (a pool computed in place: all)
         self.hot: list = []   # the static hot set, pinned in the device tier (`pin_hot`)
         self._cuda = slots.device.type == "cuda"
         source = store if ram is None else PoolStore(ram)
@@ -226,7 +226,7 @@ class Engine:
                 yield (i, *self._views(key, slot), sel, False)
                 self.prefetcher.used(slot)
             else:
-                self.cpu_experts += 1
+                self.cpu_experts += uses
                 yield (i, *self._host_views(key, rslot), sel, True)
         finally:
             ram.cache.unpin(key)

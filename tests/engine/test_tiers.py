@@ -71,6 +71,7 @@ def test_mixed_copy_and_cpu_misses_in_one_layer_are_exact(bits, tiny_dir, tmp_pa
     s = m.stats()
     t = s["tiers"]
     assert 0 < t["cpu_experts"] and 0 < s["misses"]
+    assert s["hits"] + s["misses"] + t["cpu_experts"] == uses_of(m, got)  # each use copied-and-computed or CPU
     assert served(s) == uses_of(m, got)
     assert t["ram_hits"] + t["disk_reads"] == served(s) - t["device_hits"]
     m.close()
