@@ -74,6 +74,7 @@ class Stored:
         return self.disk_bytes(index)
 
 
+DECODE_VALUES = 1 << 18  # values decoded per step of `Mxfp4Tensor.read_into` (1 MiB of fp32)
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # FP4 code -> value
 
 
@@ -111,16 +112,19 @@ class Mxfp4Tensor:
     def parts(self) -> list[Stored]:
         return [self.blocks, self.scales]
 
-    def _decoded(self, index: int | None, dtype: torch.dtype) -> torch.Tensor:
-        """A transposed view; `read` makes it contiguous, `read_into` copies it straight into its slot."""
-        return decode_mxfp4(self.blocks.file.read(self.blocks.name, index),
-                            self.scales.file.read(self.scales.name, index), dtype)
-
     def read(self, index: int | None, dtype: torch.dtype) -> torch.Tensor:
-        return self._decoded(index, dtype).contiguous()
+        return decode_mxfp4(self.blocks.file.read(self.blocks.name, index),
+                            self.scales.file.read(self.scales.name, index), dtype).contiguous()
 
     def read_into(self, index: int | None, out: torch.Tensor) -> int:
-        out.copy_(self._decoded(index, out.dtype))
+        """Decoded a few output rows at a time: whole-matrix fp32 and int32 temporaries would cost ~4 experts of
+        peak RAM per miss."""
+        blocks = self.blocks.file.read(self.blocks.name, index)
+        scales = self.scales.file.read(self.scales.name, index)
+        rows = max(1, DECODE_VALUES // (blocks.shape[-2] * blocks.shape[-1] * 2))
+        for a in range(0, blocks.shape[-3], rows):
+            out[..., a:a + rows].copy_(decode_mxfp4(blocks[..., a:a + rows, :, :], scales[..., a:a + rows, :],
+                                                    out.dtype))
         return self.disk_bytes(index)
 
 
