@@ -99,8 +99,9 @@ class OffloadConfig:
                                         # 64GiB, "50%" of all records, or "auto" (free RAM minus headroom)
     miss: str = "auto"                  # a device miss whose record is in RAM: copy it into a device slot, compute
                                         # it on the CPU from RAM, or auto (the cost model measured at load)
-    hot_trace: str | None = None        # a routing trace (.npz): its most used experts stay pinned in half the
-                                        # device slots (a static hot set), the rest is a dynamic cache
+    hot_set: str | None = None          # a routing trace (.npz), or a text whose first 512 tokens are run once:
+                                        # the experts they use most stay pinned in half the device slots (a
+                                        # static hot set), the rest is a dynamic cache
     active_experts: float | None = None  # LExI: per-layer top-k averaging this fraction of the model's top-k
                                         # (0 < f <= 1), chosen from the weights alone; None: the model's top-k
 
@@ -162,12 +163,12 @@ class OffloadConfig:
         if self.miss == "cpu" and self.ram_memory is None:
             raise OffloadError("miss='cpu' computes experts from their RAM-tier records; give ram_memory=SIZE "
                                "(or 'auto'), or drop miss")
-        if self.hot_trace is not None:
+        if self.hot_set is not None:
             from pathlib import Path
 
-            if not Path(self.hot_trace).is_file():
-                raise OffloadError(f"routing trace {self.hot_trace} not found; record one with offload-bench trace "
-                                   f"(--hot-trace FILE)")
+            if not Path(self.hot_set).is_file():
+                raise OffloadError(f"hot_set {self.hot_set} not found; give a routing trace (.npz, offload-bench "
+                                   f"trace) or a text to warm up on")
         if self.active_experts is not None and (isinstance(self.active_experts, bool) or not isinstance(
                 self.active_experts, (int, float)) or not 0 < self.active_experts <= 1):
             raise OffloadError(f"active_experts must be a fraction of the top-k in (0, 1], e.g. active_experts=0.75, "

@@ -125,16 +125,32 @@ class OffloadedModel:
                 if not hasattr(module, "is_transposed"):  # undecorated classes (Llama-4) carry no flags
                     module.is_transposed = arch.transposed
         loaded = cls(model, engine, cfg, arch, source, plan, _load_tokenizer(model_dir), hooks)
-        if cfg.hot_trace is not None:
-            from offload.engine.hot_set import hot_keys
-
-            engine.pin_hot(hot_keys(cfg.hot_trace, moe_layers, num_experts, capacity, top_k))
-            loaded.reset_stats()  # loading the hot set is placement, not the run's traffic
         if cfg.active_experts is not None:
             engine.active = ActiveExperts.for_model(cfg.active_experts, loaded, hf_config)
             loaded.plan = dataclasses.replace(plan, active_experts=engine.active.describe())
             loaded.reset_cache()  # choosing may have run the model: start cold, counters at zero
+        if cfg.hot_set is not None:  # after LExI: a warm-up routes with the trimmed top-k
+            loaded._pin_hot_set(cfg.hot_set)
         return loaded
+
+    def _pin_hot_set(self, path: str) -> None:
+        """Pin the most used experts of a routing trace, or of one warm-up forward over a text."""
+        from offload.engine.hot_set import hot_keys, is_trace, load_trace, warmup_ids
+
+        e = self.engine
+        if is_trace(path):
+            trace = load_trace(path, e.moe_layers, e.num_experts)
+        else:
+            ids = warmup_ids(path, self.tokenizer)[:, : self.config.context or getattr(self.model.config, "max_position_embeddings", None)]
+            own, e.tracer = e.tracer, Tracer(e.moe_layers, e.num_experts, e.top_k)
+            try:
+                self(ids)
+                trace = e.tracer.trace()
+            finally:
+                e.tracer = own
+            self.reset_cache()  # the warm-up's experts are not the hot set's
+        e.pin_hot(hot_keys(trace, e.cache.capacity, e.top_k))
+        self.reset_stats()  # loading the hot set is placement, not the run's traffic
 
     # --- running ---------------------------------------------------------------------------------
     @torch.inference_mode()

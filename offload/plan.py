@@ -43,7 +43,7 @@ class MemoryPlan:
     ram_record_bytes: int = 0  # one record as the RAM tier holds it
     miss: str = "copy"        # what a device miss served from RAM does (offload.engine.miss)
     in_place: bool = False    # CPU: the resident slots are the RAM tier, computed in place
-    hot_trace: str | None = None  # the routing trace whose most used experts are pinned in half the slots
+    hot_set: str | None = None  # the routing trace (or warm-up text) whose most used experts are pinned
     ram_limit: int = 0        # the tightest memory cgroup limit over this process (0: none)
     active_experts: str | None = None  # LExI's per-layer top-k, described (None: the model's top-k everywhere)
 
@@ -84,7 +84,8 @@ class MemoryPlan:
         size = format_bytes
         disk = f"disk {self.total_experts} records ({size(self.store_bytes)})" if self.store == "disk" else \
             f"checkpoint {self.total_experts} experts (page cache)"
-        hot = f" (half pinned: the hot set of {self.hot_trace})" if self.hot_trace else ""
+        hot = "" if not self.hot_set else f" (half pinned: the hot set of {self.hot_set})" if \
+            self.hot_set.endswith(".npz") else f" (half pinned: the hot set of a warm-up on {self.hot_set})"
         if self.in_place:
             return (f"device = RAM tier (CPU, computed in place): {self.capacity} experts "
                     f"({size(self.resident_bytes)}){hot} | {disk}")
@@ -214,7 +215,7 @@ def make_plan(cfg: OffloadConfig, hf_config, source: CheckpointSource, expert_by
                       capped_from=cfg.cache_experts if isinstance(cfg.cache_experts, int) and cfg.cache_experts > total
                       else None, ram_capacity=min(ram_capacity, total),
                       ram_record_bytes=expert_bytes if in_place else (host_bytes or expert_bytes),
-                      miss="cpu" if in_place else cfg.miss, in_place=in_place, hot_trace=cfg.hot_trace)
+                      miss="cpu" if in_place else cfg.miss, in_place=in_place, hot_set=cfg.hot_set)
 
 
 def _headroom(free: int) -> int:

@@ -50,8 +50,8 @@ def chat(
                                              show_default="none on CPU; auto next to a GPU"),
     miss: str = typer.Option("auto", help="a device miss served from RAM: copy (into a device slot), cpu (computed "
                                           "on the CPU where its record lies) or auto (the cost model)"),
-    hot_trace: Optional[Path] = typer.Option(None, help="a routing trace (.npz, offload-bench trace): its most used "
-                                             "experts stay pinned in half the slots", show_default="none"),
+    hot_set: Optional[Path] = typer.Option(None, help="a routing trace (.npz, offload-bench trace) or a text to "
+                                             "warm up on: its most used experts stay pinned in half the slots", show_default="none"),
     active_experts: Optional[float] = typer.Option(None, help="LExI: per-layer top-k averaging this fraction of the "
                                                    "model's top-k, chosen from the weights alone (0 < F <= 1)",
                                                    show_default="the model's top-k"),
@@ -80,7 +80,7 @@ def chat(
         model = load(model_dir, console, quiet=False, device=device, dtype=dtype, cache_experts=cache_experts,
                      cache_memory=cache_memory, store=store, store_dir=str(store_dir) if store_dir else None,
                      bits=bits_option(bits), dense_bits=dense_bits, ram_memory=ram_memory, miss=miss,
-                     hot_trace=str(hot_trace) if hot_trace else None, policy=policy, predictor=predictor, lookahead=lookahead, context=context,
+                     hot_set=str(hot_set) if hot_set else None, policy=policy, predictor=predictor, lookahead=lookahead, context=context,
                      active_experts=active_experts)
         if model.tokenizer is None:
             fail(f"{model.source.model_dir} has no tokenizer files; offload-chat needs the checkpoint's tokenizer")

@@ -28,7 +28,7 @@ FLAGS = {"device": "--device", "dtype": "--dtype", "store": "--store", "store_di
          "cache_experts": "--cache-experts", "cache_memory": "--cache-memory", "policy": "--policy",
          "predictor": "--predictor", "lookahead": "--lookahead", "context": "--context",
          "prefetch_width": "--width", "prefetch_min_precision": "--min-precision", "direct_io": "--direct-io",
-         "ram_memory": "--ram-memory", "miss": "--miss", "hot_trace": "--hot-trace",
+         "ram_memory": "--ram-memory", "miss": "--miss", "hot_set": "--hot-set",
          "active_experts": "--active-experts"}
 _OPTION = re.compile(r"(?<![\w-])(" + "|".join(FLAGS) + r")=('[^']*'|\"[^\"]*\"|[^\s,;)]*[^\s,;).])")
 

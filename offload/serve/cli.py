@@ -85,7 +85,7 @@ def serve(
     bits: Optional[str] = typer.Option(None, help="expert format: 16, 8, 4, 3, 2, ternary, int4-g64, ternary-z90, ..."),
     ram_memory: Optional[str] = typer.Option(None, help="RAM tier in front of the disk store: 64GiB, 50%, auto"),
     miss: str = typer.Option("auto", help="a device miss served from RAM: copy, cpu or auto"),
-    hot_trace: Optional[Path] = typer.Option(None, help="routing trace whose most used experts stay pinned"),
+    hot_set: Optional[Path] = typer.Option(None, help="routing trace (.npz) or warm-up text whose most used experts stay pinned"),
     active_experts: Optional[float] = typer.Option(None, help="LExI: per-layer top-k averaging this fraction of the "
                                                    "model's top-k (0 < F <= 1) [default: the model's top-k]"),
     policy: str = typer.Option("lru", help="cache eviction policy"),
@@ -103,7 +103,7 @@ def serve(
     sock = bind(host, port)
     options = dict(device=device, dtype=dtype, cache_experts=cache_experts, cache_memory=cache_memory, store=store,
                    store_dir=str(store_dir) if store_dir else None, bits=bits_option(bits), ram_memory=ram_memory, miss=miss,
-                   hot_trace=str(hot_trace) if hot_trace else None, policy=policy,
+                   hot_set=str(hot_set) if hot_set else None, policy=policy,
                    predictor=predictor, lookahead=lookahead, context=context, active_experts=active_experts)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     err.print(f"loading {path} ...")

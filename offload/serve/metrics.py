@@ -81,6 +81,16 @@ class Metrics:
         out.metric("offload_expert_bytes_loaded_total", "counter", "expert bytes moved into the cache, by source tier",
                    [({"tier": tier}, n) for tier, n in sorted(stats["bytes_loaded"].items())])
         out.metric("offload_resident_experts", "gauge", "experts resident in the cache", [({}, stats["resident_experts"])])
+        out.metric("offload_expert_uses_total", "counter",
+                   "expert uses by where they were served (device hits + RAM hits + reads == uses)",
+                   [({"served": where}, n) for where, n in sorted(stats["tiers"].items()) if where != "cpu_experts"])
+        out.metric("offload_cpu_experts_total", "counter", "expert uses computed on the CPU",
+                   [({}, stats["tiers"]["cpu_experts"])])
+        out.metric("offload_link_bytes_total", "counter", "bytes moved per link",
+                   [({"link": link}, v["bytes"]) for link, v in sorted(stats["links"].items())])
+        out.metric("offload_link_stall_seconds_total", "counter", "seconds decoding waited on each link",
+                   [({"link": link}, v["stall_seconds"]) for link, v in sorted(stats["links"].items())])
+        out.metric("offload_ram_tier_experts", "gauge", "records resident in the RAM tier", [({}, stats["ram_experts"])])
         return out.text()
 
 

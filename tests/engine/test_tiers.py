@@ -162,7 +162,7 @@ def test_hot_set_from_a_trace_stays_pinned_and_exact(tiers, tiny_dir, tmp_path):
     rec = OffloadedModel.from_pretrained(path, trace=True)
     want = greedy(rec, ids)
     rec.trace().save(tmp_path / "t.npz")
-    m = OffloadedModel.from_pretrained(path, store_dir=tmp_path / "s", cache_experts=6, hot_trace=str(tmp_path / "t.npz"),
+    m = OffloadedModel.from_pretrained(path, store_dir=tmp_path / "s", cache_experts=6, hot_set=str(tmp_path / "t.npz"),
                                        **tiers)
     hot = m.engine.hot
     assert len(hot) == 3 and all(k in m.engine.cache for k in hot)
@@ -175,9 +175,40 @@ def test_hot_set_from_a_trace_stays_pinned_and_exact(tiers, tiny_dir, tmp_path):
     m.close()
 
 
-def test_hot_trace_of_another_model_is_refused(tiny_dir, tmp_path):
+def test_hot_set_of_another_model_is_refused(tiny_dir, tmp_path):
     rec = OffloadedModel.from_pretrained(tiny_dir("qwen2_moe"), trace=True)
     greedy(rec, prompt(1))
     rec.trace().save(tmp_path / "t.npz")
     with pytest.raises(OffloadError, match="record it on this model"):
-        OffloadedModel.from_pretrained(tiny_dir("deepseek_v3"), cache_experts=8, hot_trace=str(tmp_path / "t.npz"))
+        OffloadedModel.from_pretrained(tiny_dir("deepseek_v3"), cache_experts=8, hot_set=str(tmp_path / "t.npz"))
+
+
+def test_hot_set_from_a_warm_up_text_pins_the_experts_its_routing_uses_most(tiny_dir, tmp_path):
+    """A text instead of a trace: one forward over its first tokens, counted, then the same pinning."""
+    path = tiny_dir("mixtral")
+    words = " ".join(f"w{i % 40}" for i in range(120))
+    (tmp_path / "warmup.txt").write_text(words)
+    rec = OffloadedModel.from_pretrained(path, trace=True)
+    rec(rec.tokenizer(words, return_tensors="pt").input_ids)
+    counts = {}
+    for li, layer in enumerate(rec.engine.moe_layers):
+        for e in rec.trace().experts[:, li].ravel().tolist():
+            counts[(layer, e)] = counts.get((layer, e), 0) + 1
+    ids = prompt(8)
+    want = greedy(rec, ids)
+    m = OffloadedModel.from_pretrained(path, store_dir=tmp_path / "s", cache_experts=6,
+                                       hot_set=str(tmp_path / "warmup.txt"))
+    assert sorted(counts[k] for k in m.engine.hot) == sorted(counts.values())[-3:]
+    assert m.engine.cache.pinned() == set(m.engine.hot) and m.engine.tracer is None
+    assert "hot set of a warm-up on" in dict(m.plan.rows())["tiers"]
+    assert m.stats()["tiers"]["disk_reads"] == 0 and m.stats()["tokens"] == 0  # the warm-up is not the run
+    assert torch.equal(greedy(m, ids), want)
+    m.close()
+
+
+def test_a_warm_up_text_without_tokens_or_tokenizer_is_refused(tiny_dir, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(OffloadError, match="give a longer text"):
+        OffloadedModel.from_pretrained(tiny_dir("mixtral"), cache_experts=8, hot_set=str(tmp_path / "empty.txt"))
+    with pytest.raises(OffloadError, match=r"hot_set .*missing.txt not found; give a routing trace"):
+        OffloadConfig(hot_set=str(tmp_path / "missing.txt"))

@@ -270,6 +270,9 @@ def test_metrics_count_the_requests(main, client, reference):
     assert delta(before, after, "offload_prompt_tokens_total") == 3 * len(reference.tokenizer("Hello")["input_ids"])
     assert 0.0 <= after["offload_expert_cache_hit_rate"] <= 1.0
     assert after['offload_expert_bytes_loaded_total{tier="ram"}'] > 0
+    uses = sum(v for k, v in after.items() if k.startswith("offload_expert_uses_total"))
+    assert uses == after["offload_expert_cache_hits_total"] + after["offload_expert_cache_misses_total"] > 0
+    assert after['offload_link_bytes_total{link="ram->device"}'] == after['offload_expert_bytes_loaded_total{tier="ram"}']
     assert after["offload_queue_depth"] == 0 and after["offload_tokens_per_second"] > 0
 
 
