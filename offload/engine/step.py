@@ -176,7 +176,8 @@ class Engine:
             pins = True
         else:
             pins = not all(k in cache for k in keys)
-        pin_all = pins and len(keys) <= cache.capacity - self.prefetcher.in_flight()
+        # the hot set's slots are pinned for good: count them, though some may be this layer's
+        pin_all = pins and len(keys) + len(self.hot) <= cache.capacity - self.prefetcher.in_flight()
         pin_each = pins and not pin_all
         if pin_all:
             for k in keys:
