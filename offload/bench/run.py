@@ -46,6 +46,10 @@ def run(
     miss: str = typer.Option("auto", help="with --ram-memory: copy, cpu or auto"),
     active_experts: Optional[float] = typer.Option(None, help="LExI: per-layer top-k averaging this fraction of the "
                                                    "model's top-k (0 < F <= 1)", show_default="the model's top-k"),
+    low_bit_miss: Optional[str] = typer.Option(None, help="HOBBIT: low-bit copies (int2-g32, ...) computed on a "
+                                               "low-weight miss (needs --store-dir)", show_default="none"),
+    low_bit_threshold: Optional[float] = typer.Option(None, help="routing weight below which a miss is served "
+                                                      "low-bit", show_default="0.25 with --low-bit-miss"),
 ) -> None:
     """Real decode on this machine: every configuration side by side in one process, alternating, medians."""
     from offload.bench import costmodel as cm
@@ -61,7 +65,8 @@ def run(
         total, expert_bytes = expert_pool(model_dir)
         opts = {"store": store, "store_dir": str(store_dir) if store_dir else None, "dense_bits": dense_bits,
                 "bits": bits_option(bits),
-                "active_experts": active_experts}
+                "active_experts": active_experts, "low_bit_miss": low_bit_miss,
+                "low_bit_threshold": low_bit_threshold}
         configs = [("all resident", dict(cache_experts=total, policy="lru"))]
         rams = split_list(ram_memory) or [None]
         for c, r, p, pr in itertools.product(sizes, rams, pols, preds):
