@@ -67,7 +67,8 @@ def run(
                 "bits": bits_option(bits),
                 "active_experts": active_experts, "low_bit_miss": low_bit_miss,
                 "low_bit_threshold": low_bit_threshold}
-        configs = [("all resident", dict(cache_experts=total, policy="lru"))]
+        # the ceiling: every expert resident at full precision (low-bit copies would serve its first misses)
+        configs = [("all resident", dict(cache_experts=total, policy="lru", low_bit_miss=None, low_bit_threshold=None))]
         rams = split_list(ram_memory) or [None]
         for c, r, p, pr in itertools.product(sizes, rams, pols, preds):
             slots = min(total, c.slots(total, expert_bytes))
@@ -78,7 +79,7 @@ def run(
         models = []
         with out.status("loading configurations ..."):
             for name, o in configs:
-                models.append(OffloadedModel.from_pretrained(model_dir, **o, **opts))
+                models.append(OffloadedModel.from_pretrained(model_dir, **{**opts, **o}))
         try:
             ids = prompt_ids(models[0], prompt, prompt_tokens)
             models[0].generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm: all experts resident

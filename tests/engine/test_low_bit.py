@@ -146,3 +146,22 @@ def test_bad_low_bit_options_name_the_fix(options, words):
 def test_the_cli_says_the_flags():
     assert cli_wording("add low_bit_miss=int2-g32") == "add --low-bit-miss int2-g32"
     assert cli_wording("low_bit_threshold=0.25") == "--low-bit-threshold 0.25"
+
+
+def test_bench_run_takes_the_flags_and_keeps_the_ceiling_full_precision(tiny_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from offload.bench.app import app
+
+    rows = {}
+    for name, flags in (("demand", []), ("hobbit", ["--low-bit-miss", LOW, "--low-bit-threshold", "0.45"])):
+        js = tmp_path / f"{name}.json"
+        r = CliRunner().invoke(app, ["run", str(tiny_dir("mixtral")), "--store-dir", str(tmp_path / "s"), "--bits", MAIN,
+                                     "--cache-experts", "25%", "--max-new-tokens", "4", "--repeats", "1",
+                                     "--json", str(js), *flags])
+        assert r.exit_code == 0, r.output
+        rows[name] = json.loads(js.read_text())["rows"]
+    assert rows["hobbit"][0]["low_bit_miss"] is None and rows["hobbit"][0]["hit_rate"] == 1.0
+    assert rows["hobbit"][1]["bytes_per_token"] < rows["demand"][1]["bytes_per_token"]
