@@ -34,6 +34,7 @@ from offload.engine.experts import offloaded_class
 from offload.engine.hooks import hook_attention_outputs, hook_layer_entries
 from offload.plan import MemoryPlan, make_plan
 from offload.engine.slots import SlotPool
+from offload.store.disk import round_up
 from offload.store.source import CheckpointSource, open_checkpoint
 from offload.engine.tracer import Tracer
 
@@ -78,7 +79,7 @@ class OffloadedModel:
         if low_codec is not None:
             n = len(source.keys())
             plan = dataclasses.replace(plan, low_bit=f"{cfg.low_bit_miss}, {n} records in RAM "
-                                                     f"({format_bytes(n * low_codec.slot_bytes)}), serving a miss "
+                                                     f"({format_bytes(n * round_up(low_codec.slot_bytes))}), serving a miss "
                                                      f"under routing weight {cfg.low_bit_threshold:g}")
         if on_plan is not None:
             on_plan(plan)

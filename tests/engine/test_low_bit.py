@@ -138,7 +138,7 @@ def test_the_plan_names_the_low_bit_copies(tiny_dir, tmp_path):
     ({"store_dir": "s", "low_bit_miss": LOW, "low_bit_threshold": True}, "in [0, 1]"),
 ])
 def test_bad_low_bit_options_name_the_fix(options, words):
-    with pytest.raises(OffloadError, match=None) as e:
+    with pytest.raises(OffloadError) as e:
         OffloadConfig(**options)
     assert words in str(e.value) and "\n" not in str(e.value)
 
