@@ -15,6 +15,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 STORES = ("ram", "disk")
 MISS_MODES = ("auto", "copy", "cpu")
+LOW_BIT_THRESHOLD = 0.25  # low_bit_threshold when only low_bit_miss is given
 
 
 def parse_bytes(value: int | str) -> int:
@@ -104,6 +105,10 @@ class OffloadConfig:
                                         # static hot set), the rest is a dynamic cache
     active_experts: float | None = None  # LExI: per-layer top-k averaging this fraction of the model's top-k
                                         # (0 < f <= 1), chosen from the weights alone; None: the model's top-k
+    low_bit_miss: str | None = None     # HOBBIT: a low-bit copy of every expert in this format (e.g. "int2-g32"),
+                                        # computed from RAM on a low-weight miss instead of loading the full record
+    low_bit_threshold: float | None = None  # routing weight below which a miss is served low-bit (default 0.25
+                                        # with low_bit_miss; 0: never, the same outputs as without)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
@@ -173,6 +178,7 @@ class OffloadConfig:
                 self.active_experts, (int, float)) or not 0 < self.active_experts <= 1):
             raise OffloadError(f"active_experts must be a fraction of the top-k in (0, 1], e.g. active_experts=0.75, "
                                f"got {self.active_experts!r}")
+        self._check_low_bit()
         if self.context is not None and self.context < 1:
             raise OffloadError(f"context must be a positive number of tokens, got context={self.context}")
         if not 0 <= self.lookahead <= 8:
@@ -215,6 +221,29 @@ class OffloadConfig:
         if not (0 < share <= 1 if share is not None else self.ram_memory > 0):
             raise OffloadError(f"ram_memory={given!r} is not a positive size, a share of all expert records or "
                                f"'auto'; write it like ram_memory=64GiB, ram_memory='50%' or ram_memory=auto")
+
+    def _check_low_bit(self) -> None:
+        t = self.low_bit_threshold
+        if self.low_bit_miss is None:
+            if t is not None:
+                raise OffloadError(f"low_bit_threshold={t!r} needs a low-bit copy to serve misses with; add "
+                                   f"low_bit_miss=int2-g32 (or another quantized format), or drop low_bit_threshold")
+            return
+        from offload.formats.record import format_of
+
+        if not isinstance(self.low_bit_miss, str) or format_of(self.low_bit_miss) is None:
+            raise OffloadError(f"low_bit_miss must be a quantized format like 'int2-g32', got "
+                               f"low_bit_miss={self.low_bit_miss!r}")
+        if self.store != "disk":
+            raise OffloadError("low_bit_miss keeps its low-bit copy in a converted store; add store_dir=PATH "
+                               "(converted once, reused afterwards)")
+        if self.ram_memory is not None:
+            raise OffloadError("low_bit_miss is not combined with a RAM tier yet; drop ram_memory or low_bit_miss")
+        if t is None:
+            object.__setattr__(self, "low_bit_threshold", LOW_BIT_THRESHOLD)
+        elif isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1:
+            raise OffloadError(f"low_bit_threshold must be a routing weight in [0, 1], e.g. low_bit_threshold=0.25, "
+                               f"got {t!r}")
 
     @classmethod
     def from_options(cls, **options) -> OffloadConfig:

@@ -21,8 +21,9 @@ from transformers.monkey_patching import register_patch_mapping, unregister_patc
 from cache import ExpertCache, Trace, policy_for
 from offload.engine.active_experts import ActiveExperts, check_active_experts
 from offload.store.arch import Arch
-from offload.config import OffloadConfig
-from offload.store.convert import codec_for, open_store
+from offload.config import OffloadConfig, format_bytes
+from offload.store.convert import codec_for, low_bit_codec, open_low_bit_store, open_store
+from offload.engine.low_bit import LowBitMiss
 from offload.engine.step import Engine
 from offload.engine.costs import measure_costs
 from offload.engine.miss import miss_policy
@@ -33,6 +34,7 @@ from offload.engine.experts import offloaded_class
 from offload.engine.hooks import hook_attention_outputs, hook_layer_entries
 from offload.plan import MemoryPlan, make_plan
 from offload.engine.slots import SlotPool
+from offload.store.disk import round_up
 from offload.store.source import CheckpointSource, open_checkpoint
 from offload.engine.tracer import Tracer
 
@@ -62,6 +64,9 @@ class OffloadedModel:
                                "dense_bits (--dense-bits)")
         if cfg.active_experts is not None:  # refused (Llama-4, too small a fraction) before anything loads
             check_active_experts(cfg.active_experts, hf_config, top_k)
+        if cfg.low_bit_miss is not None and hf_config.model_type in ("llama4", "llama4_text"):
+            raise OffloadError("low_bit_miss needs each expert's routing weight, which Llama-4 folds into its input; "
+                               "drop low_bit_miss")
         model_dir, num_experts = source.model_dir, source.num_experts
         codec = codec_for(cfg, source, arch)
         slot_bytes = source.layout.nbytes if codec is None else codec.slot_bytes  # dense or quantized compute form
@@ -70,9 +75,22 @@ class OffloadedModel:
         host_bytes = (source.layout.nbytes if codec is None else
                       host_codec.slot_bytes if cfg.device == "cpu" else codec.record_bytes)
         plan = make_plan(cfg, hf_config, source, slot_bytes, top_k, host_bytes)
+        low_codec = None if cfg.low_bit_miss is None else low_bit_codec(cfg, source, arch)
+        if low_codec is not None:
+            n = len(source.keys())
+            plan = dataclasses.replace(plan, low_bit=f"{cfg.low_bit_miss}, {n} records in RAM "
+                                                     f"({format_bytes(n * round_up(low_codec.slot_bytes))}), serving a miss "
+                                                     f"under routing weight {cfg.low_bit_threshold:g}")
         if on_plan is not None:
             on_plan(plan)
         store = open_store(cfg, source, codec, progress)
+        low_bit = None
+        if low_codec is not None:
+            low_store = open_low_bit_store(cfg, source, low_codec, progress)
+            try:
+                low_bit = LowBitMiss(low_store, low_codec, cfg.low_bit_threshold)
+            finally:
+                low_store.close()
 
         dense = None
         if cfg.dense_bits is not None:
@@ -114,7 +132,7 @@ class OffloadedModel:
                         predictor=_predictor(cfg, model, moe_layers, num_experts, top_k),
                         prefetch_width=cfg.prefetch_width, codec=codec, tracer=tracer,
                         min_precision=cfg.prefetch_min_precision, worker=worker, ram=ram, miss=miss,
-                        host_codec=host_codec, tier="ram" if plan.in_place else "device")
+                        host_codec=host_codec, tier="ram" if plan.in_place else "device", low_bit=low_bit)
         hooks = []
         if engine.entry:
             hooks = (hook_layer_entries(model, moe_layers, engine.enter)
@@ -187,6 +205,7 @@ class OffloadedModel:
             "ram_experts": len(e.ram.cache) if e.ram is not None else 0,
             "ram_capacity_experts": e.ram.capacity if e.ram is not None else 0,
             "active_experts": None if e.active is None else dict(e.active.k),  # LExI: layer -> its top-k
+            "low_bit": None if e.low_bit is None else e.low_bit.stats(),  # HOBBIT: misses served by low-bit copies
         }
 
     def trace(self) -> Trace:
@@ -207,6 +226,8 @@ class OffloadedModel:
             tier.cache.policy = make_cache_policy(self.config.policy, tier.cache.capacity, e.moe_layers, e.top_k)
         e.pin_hot(e.hot)  # the static hot set outlives a reset: it is placement, not cache state
         e.reset_prediction()
+        if e.low_bit is not None:
+            e.low_bit.reset()
         if e.tracer is not None:
             e.tracer.reset()
         self.reset_stats()
@@ -215,6 +236,8 @@ class OffloadedModel:
         e = self.engine
         e.stats.reset()
         e.cpu_experts = 0
+        if e.low_bit is not None:
+            e.low_bit.reset_stats()
         for c in (e.cache.stats, e.ram.cache.stats) if e.ram is not None else (e.cache.stats,):
             c.hits = c.misses = c.evictions = c.prefetch_inserts = 0
         if e.ram is not None:

@@ -46,6 +46,7 @@ class MemoryPlan:
     hot_set: str | None = None  # the routing trace (or warm-up text) whose most used experts are pinned
     ram_limit: int = 0        # the tightest memory cgroup limit over this process (0: none)
     active_experts: str | None = None  # LExI's per-layer top-k, described (None: the model's top-k everywhere)
+    low_bit: str | None = None  # HOBBIT's low-bit copies, described (None: every miss loads the full record)
 
     @property
     def resident_bytes(self) -> int:
@@ -76,7 +77,8 @@ class MemoryPlan:
             ("cache policy", self.policy),
             ("predictor", self.predictor),
             ("CPU threads", str(self.threads)),
-        ] + ([("active experts (LExI)", self.active_experts)] if self.active_experts else [])
+        ] + ([("active experts (LExI)", self.active_experts)] if self.active_experts else []) \
+          + ([("low-bit copies (HOBBIT)", self.low_bit)] if self.low_bit else [])
 
 
     def tiers(self) -> str:

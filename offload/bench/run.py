@@ -46,6 +46,10 @@ def run(
     miss: str = typer.Option("auto", help="with --ram-memory: copy, cpu or auto"),
     active_experts: Optional[float] = typer.Option(None, help="LExI: per-layer top-k averaging this fraction of the "
                                                    "model's top-k (0 < F <= 1)", show_default="the model's top-k"),
+    low_bit_miss: Optional[str] = typer.Option(None, help="HOBBIT: low-bit copies (int2-g32, ...) computed on a "
+                                               "low-weight miss (needs --store-dir)", show_default="none"),
+    low_bit_threshold: Optional[float] = typer.Option(None, help="routing weight below which a miss is served "
+                                                      "low-bit", show_default="0.25 with --low-bit-miss"),
 ) -> None:
     """Real decode on this machine: every configuration side by side in one process, alternating, medians."""
     from offload.bench import costmodel as cm
@@ -61,8 +65,10 @@ def run(
         total, expert_bytes = expert_pool(model_dir)
         opts = {"store": store, "store_dir": str(store_dir) if store_dir else None, "dense_bits": dense_bits,
                 "bits": bits_option(bits),
-                "active_experts": active_experts}
-        configs = [("all resident", dict(cache_experts=total, policy="lru"))]
+                "active_experts": active_experts, "low_bit_miss": low_bit_miss,
+                "low_bit_threshold": low_bit_threshold}
+        # the ceiling: every expert resident at full precision (low-bit copies would serve its first misses)
+        configs = [("all resident", dict(cache_experts=total, policy="lru", low_bit_miss=None, low_bit_threshold=None))]
         rams = split_list(ram_memory) or [None]
         for c, r, p, pr in itertools.product(sizes, rams, pols, preds):
             slots = min(total, c.slots(total, expert_bytes))
@@ -73,7 +79,7 @@ def run(
         models = []
         with out.status("loading configurations ..."):
             for name, o in configs:
-                models.append(OffloadedModel.from_pretrained(model_dir, **o, **opts))
+                models.append(OffloadedModel.from_pretrained(model_dir, **{**opts, **o}))
         try:
             ids = prompt_ids(models[0], prompt, prompt_tokens)
             models[0].generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm: all experts resident

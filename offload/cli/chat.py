@@ -55,6 +55,12 @@ def chat(
     active_experts: Optional[float] = typer.Option(None, help="LExI: per-layer top-k averaging this fraction of the "
                                                    "model's top-k, chosen from the weights alone (0 < F <= 1)",
                                                    show_default="the model's top-k"),
+    low_bit_miss: Optional[str] = typer.Option(None, help="HOBBIT: a low-bit copy of every expert in this format "
+                                               "(int2-g32, ...; needs --store-dir), computed from RAM on a "
+                                               "low-weight miss instead of loading the full record",
+                                               show_default="none"),
+    low_bit_threshold: Optional[float] = typer.Option(None, help="routing weight below which a miss is served "
+                                                      "low-bit", show_default="0.25 with --low-bit-miss"),
     policy: str = typer.Option("lru", help=f"cache eviction policy: {', '.join(ONLINE_POLICIES)}"),
     predictor: Optional[str] = typer.Option(None, help="expert predictor for prefetch: gate, previous, ...",
                                             show_default="none: experts load on demand"),
@@ -81,7 +87,8 @@ def chat(
                      cache_memory=cache_memory, store=store, store_dir=str(store_dir) if store_dir else None,
                      bits=bits_option(bits), dense_bits=dense_bits, ram_memory=ram_memory, miss=miss,
                      hot_set=str(hot_set) if hot_set else None, policy=policy, predictor=predictor, lookahead=lookahead, context=context,
-                     active_experts=active_experts)
+                     active_experts=active_experts, low_bit_miss=low_bit_miss,
+                     low_bit_threshold=low_bit_threshold)
         if model.tokenizer is None:
             fail(f"{model.source.model_dir} has no tokenizer files; offload-chat needs the checkpoint's tokenizer")
         if seed is not None:

@@ -29,7 +29,8 @@ FLAGS = {"device": "--device", "dtype": "--dtype", "store": "--store", "store_di
          "predictor": "--predictor", "lookahead": "--lookahead", "context": "--context",
          "prefetch_width": "--width", "prefetch_min_precision": "--min-precision", "direct_io": "--direct-io",
          "ram_memory": "--ram-memory", "miss": "--miss", "hot_set": "--hot-set",
-         "active_experts": "--active-experts"}
+         "active_experts": "--active-experts", "low_bit_miss": "--low-bit-miss",
+         "low_bit_threshold": "--low-bit-threshold"}
 _OPTION = re.compile(r"(?<![\w-])(" + "|".join(FLAGS) + r")=('[^']*'|\"[^\"]*\"|[^\s,;)]*[^\s,;).])")
 
 

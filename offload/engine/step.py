@@ -14,6 +14,7 @@ from torch import nn
 
 from cache import ExpertCache
 from offload.engine.experts import expert_ffn
+from offload.engine.low_bit import LowBitMiss
 from offload.engine.prefetch import Prefetcher
 from offload.engine.ram_tier import CopyGuard, PoolStore, RamTier
 from offload.engine.slots import SlotPool
@@ -28,15 +29,17 @@ class Engine:
     def __init__(self, store, cache: ExpertCache, slots: SlotPool, num_experts: int, top_k: int,
                  moe_layers: list[int], predictor=None, prefetch_width: int | None = None,
                  codec=None, tracer=None, min_precision: float = 0.75, worker: str = "thread",
-                 ram: RamTier | None = None, miss=None, host_codec=None, tier: str = "device") -> None:
+                 ram: RamTier | None = None, miss=None, host_codec=None, tier: str = "device",
+                 low_bit: LowBitMiss | None = None) -> None:
         """`ram`: a RAM tier between `store` and the device slots, `miss` deciding per device miss whether its
         record is copied or computed on the CPU (`offload.engine.miss`), `host_codec` the codec of the RAM
         tier's records (a CPU twin of `codec`). `tier`: what the slots are called in the tier counts ("ram" on
-        a CPU machine whose one pool is the RAM tier, computed in place)."""
+        a CPU machine whose one pool is the RAM tier, computed in place). `low_bit`: low-bit copies serving
+        low-weight device misses (HOBBIT, `offload.engine.low_bit`)."""
         self.store, self.cache, self.slots = store, cache, slots
         self.num_experts, self.top_k, self.moe_layers = num_experts, top_k, moe_layers
         self.stats = EngineStats()
-        self.ram, self.miss, self.host_codec, self.tier = ram, miss, host_codec, tier
+        self.ram, self.miss, self.host_codec, self.tier, self.low_bit = ram, miss, host_codec, tier, low_bit
         self.cpu_experts = 0  # expert uses computed on the CPU from the RAM tier (a pool computed in place: all)
         self.hot: list = []   # the static hot set, pinned in the device tier (`pin_hot`)
         self._cuda = slots.device.type == "cuda"
@@ -190,6 +193,10 @@ class Engine:
             for i in order:
                 key = keys[i]
                 uses, weight, sel = select(i, key[1])
+                if (self.low_bit is not None and key not in cache
+                        and self.low_bit.serves(key, weight / uses, self.stats.tokens, uses)):
+                    yield (i, *self.low_bit.views(key), sel, True)
+                    continue
                 if self.ram is not None and key not in cache:
                     yield from self._from_ram(i, key, uses, weight, sel)
                     continue
@@ -375,7 +382,14 @@ class Engine:
             self.cache.pin(key)
 
     def tier_counts(self) -> dict:
-        """Where each expert use was served: device hits + RAM hits + disk reads == uses, exactly."""
+        """Where each expert use was served: device hits + RAM hits + disk reads (+ low-bit computes) == uses,
+        exactly."""
+        counts = self._tier_counts()
+        if self.low_bit is not None:
+            counts["low_bit_computes"] = self.low_bit.computes
+        return counts
+
+    def _tier_counts(self) -> dict:
         c, ram = self.cache.stats, self.ram
         if ram is not None:
             return {"device_hits": c.hits, "ram_hits": ram.cache.stats.hits, "disk_reads": ram.cache.stats.misses,

@@ -88,6 +88,10 @@ def serve(
     hot_set: Optional[Path] = typer.Option(None, help="routing trace (.npz) or warm-up text whose most used experts stay pinned"),
     active_experts: Optional[float] = typer.Option(None, help="LExI: per-layer top-k averaging this fraction of the "
                                                    "model's top-k (0 < F <= 1) [default: the model's top-k]"),
+    low_bit_miss: Optional[str] = typer.Option(None, help="HOBBIT: low-bit copies (int2-g32, ...) computed on a "
+                                               "low-weight miss [default: none]"),
+    low_bit_threshold: Optional[float] = typer.Option(None, help="routing weight below which a miss is served "
+                                                      "low-bit [default: 0.25 with --low-bit-miss]"),
     policy: str = typer.Option("lru", help="cache eviction policy"),
     predictor: Optional[str] = typer.Option(None, help="expert predictor for prefetch: gate, previous, ..."),
     lookahead: int = typer.Option(1, help="MoE layers the predictor looks ahead"),
@@ -104,7 +108,8 @@ def serve(
     options = dict(device=device, dtype=dtype, cache_experts=cache_experts, cache_memory=cache_memory, store=store,
                    store_dir=str(store_dir) if store_dir else None, bits=bits_option(bits), ram_memory=ram_memory, miss=miss,
                    hot_set=str(hot_set) if hot_set else None, policy=policy,
-                   predictor=predictor, lookahead=lookahead, context=context, active_experts=active_experts)
+                   predictor=predictor, lookahead=lookahead, context=context, active_experts=active_experts,
+                   low_bit_miss=low_bit_miss, low_bit_threshold=low_bit_threshold)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     err.print(f"loading {path} ...")
     try:

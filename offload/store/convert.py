@@ -215,6 +215,22 @@ def open_store(cfg, source: CheckpointSource, codec: RecordCodec | None, progres
                            direct=cfg.direct_io)
 
 
+LOW_BIT_DIR = "low-bit-{}"  # the low-bit copy's store, inside store_dir (HOBBIT, `low_bit_miss`)
+
+
+def low_bit_codec(cfg, source: CheckpointSource, arch) -> RecordCodec:
+    """The CPU codec of the low-bit copies (`cfg.low_bit_miss`): they are computed on the CPU, from RAM."""
+    return RecordCodec(source.layout, format_rule(cfg.low_bit_miss), arch.transposed, torch.device("cpu"))
+
+
+def open_low_bit_store(cfg, source: CheckpointSource, codec: RecordCodec, progress: bool = True) -> DiskStore:
+    """The low-bit copy of every expert (HOBBIT): a store of its own in store_dir, converted from the same
+    checkpoint (weights alone) by `codec`, checksummed and resumable like the main one."""
+    settings = {"dtype": str(cfg.dtype).removeprefix("torch."), "format": json.dumps(cfg.low_bit_miss)}
+    return open_or_convert(source, Path(cfg.store_dir) / LOW_BIT_DIR.format(cfg.low_bit_miss), settings, codec,
+                           progress=progress, verify=cfg.verify, direct=cfg.direct_io)
+
+
 def store_settings(cfg, codec: RecordCodec | None) -> dict:
     """What a store made for an OffloadConfig records (and must match to be reused)."""
     fmt = "dense" if codec is None else ("custom" if callable(cfg.bits) else json.dumps(cfg.bits, sort_keys=True))
