@@ -79,7 +79,7 @@ def worker(model_dir: Path, fmt: str, out: Path) -> dict:
                 spent[stage] += time.process_time() - t0
         return call
 
-    source.read = timed("read", source.read)
+    source.read, source.read_into = timed("read", source.read), timed("read", source.read_into)
     codec.encode = timed("quantize", codec.encode)
     for kind in {type(k) for k in kinds.KINDS.values()}:
         if "pack" in vars(kind):
@@ -178,7 +178,7 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="demo", help="demo, mixtral (synthetic 8x7B expert shapes) or a checkpoint dir")
-    ap.add_argument("--baseline", default="731978a", help="git revision to compare against")
+    ap.add_argument("--baseline", default="47b9809", help="git revision to compare against")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--experts", type=int, default=1, help="experts in the synthetic mixtral checkpoint")
     ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated formats to convert")
