@@ -10,7 +10,8 @@ Each round converts the checkpoint's experts once per format and per tree (`offl
 into a fresh temporary store, progress off, `torch.set_num_threads(1)`), each conversion in its own
 subprocess whose PYTHONPATH is that tree (the baseline is `git archive REV`), alternating the trees' order
 so drift hits both. MB/s are of checkpoint expert bytes (bf16), medians over rounds. "same bytes" compares
-the data files with the baseline's: a `-search` format against the baseline's plain one (same search).
+the data files with the baseline's: a `-search` format against the baseline's plain one (the same search only for
+baselines from before clip="fast", such as 731978a).
 MB/s are per CPU-second of the converting process (`time.process_time`: on a shared, oversubscribed VM the
 wall clock mostly measures waiting for a core), wall-clock MB/s beside them. Stages are timed (CPU seconds)
 by wrapping the converter's calls; "write" is what remains (write, fsync, journal, the loop).
