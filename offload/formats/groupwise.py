@@ -73,7 +73,8 @@ def quantize_groups(w: torch.Tensor, bits: int, G: int, factors: tuple[float, ..
     sz = torch.empty(N, K // G, 2, dtype=torch.bfloat16, device=w.device)
     rows = max(1, BLOCK // K)
     R = min(rows, N)
-    x, c = torch.empty(R * K, device=w.device), torch.empty(max(R, S * max(1, CHUNK // (S * K))) * K, device=w.device)
+    searched = S * max(1, CHUNK // (S * K))  # rows x candidates of one pass of `_errors`
+    x, c = torch.empty(R * K, device=w.device), torch.empty(max(R, searched) * K, device=w.device)
     for r in range(0, N, rows):
         n = min(rows, N - r)
         g = x[:n * K].view(n, K).copy_(w[r:r + n]).view(n, K // G, G)           # [n, K/G, G]
