@@ -10,7 +10,8 @@ Each round converts the checkpoint's experts once per format and per tree (`offl
 into a fresh temporary store, progress off, `torch.set_num_threads(1)`), each conversion in its own
 subprocess whose PYTHONPATH is that tree (the baseline is `git archive REV`), alternating the trees' order
 so drift hits both. MB/s are of checkpoint expert bytes (bf16), medians over rounds. "same bytes" compares
-the data files with the baseline's: a `-search` format against the baseline's plain one (same search).
+the data files with the baseline's: a `-search` format against the baseline's plain one (the same search only for
+baselines from before clip="fast", such as 731978a).
 MB/s are per CPU-second of the converting process (`time.process_time`: on a shared, oversubscribed VM the
 wall clock mostly measures waiting for a core), wall-clock MB/s beside them. Stages are timed (CPU seconds)
 by wrapping the converter's calls; "write" is what remains (write, fsync, journal, the loop).
@@ -79,7 +80,7 @@ def worker(model_dir: Path, fmt: str, out: Path) -> dict:
                 spent[stage] += time.process_time() - t0
         return call
 
-    source.read = timed("read", source.read)
+    source.read, source.read_into = timed("read", source.read), timed("read", source.read_into)
     codec.encode = timed("quantize", codec.encode)
     for kind in {type(k) for k in kinds.KINDS.values()}:
         if "pack" in vars(kind):
@@ -178,7 +179,7 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="demo", help="demo, mixtral (synthetic 8x7B expert shapes) or a checkpoint dir")
-    ap.add_argument("--baseline", default="731978a", help="git revision to compare against")
+    ap.add_argument("--baseline", default="47b9809", help="git revision to compare against")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--experts", type=int, default=1, help="experts in the synthetic mixtral checkpoint")
     ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated formats to convert")

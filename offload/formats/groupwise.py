@@ -24,7 +24,8 @@ CLIPS = ("fast", "search")
 # 2^23: for an integer c in 0..2^23, the fp32 2^23 + c has c in its low mantissa bits, so an int32 view narrowed
 # to uint8 yields c (~0.1 ns per code, against ~0.9 for torch's float -> uint8 conversion).
 MAGIC = float(1 << 23)
-CHUNK = 1 << 18  # candidate weights (rows x candidates) searched at a time: ~1 MB buffers stay in L2
+BLOCK = 1 << 20  # weights per block of rows: its grids, choice and codes are computed once per block
+CHUNK = 1 << 17  # candidate weights (rows x candidates) per pass of the search: 512 KB buffers stay in L2
 
 
 def shrinks(bits: int, G: int, clip: str = "search") -> tuple[float, ...]:
@@ -39,16 +40,30 @@ def _grid(hi: torch.Tensor, lo: torch.Tensor, share: torch.Tensor, top: int, mid
     return scale, ((hi + lo) / 2 - half + mid * scale).bfloat16().float()
 
 
+def _errors(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, top: int, mid: int, c: torch.Tensor
+            ) -> torch.Tensor:
+    """Squared error of each candidate grid (scale, zero [S, n, K/G, 1]) on each group of `g` [n, K/G, G] ->
+    [S, n, K/G, 1]: every candidate of a few rows in one pass of each operation, in place in the flat buffer `c`."""
+    S, (n, KG, G) = scale.shape[0], g.shape
+    err = torch.empty_like(scale)
+    rows = max(1, CHUNK // (S * KG * G))
+    for r in range(0, n, rows):
+        x, s, z = g[r:r + rows], scale[:, r:r + rows], zero[:, r:r + rows]
+        q = torch.sub(x, z, out=c[:S * x.numel()].view(S, *x.shape)).div_(s).round_().clamp_(-mid, top - mid)
+        err[:, r:r + rows] = q.mul_(s).add_(z).sub_(x).square_().sum(-1, keepdim=True)  # q = codes - mid, exactly
+    return err
+
+
 def quantize_groups(w: torch.Tensor, bits: int, G: int, factors: tuple[float, ...] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] (any float dtype, any strides) -> (codes uint8 [N, K] in 0..2^bits-1, qsz bf16 [K/G, N, 2] =
     (scale, zero) per group), trying the clip `factors` (default: every one in SHRINKS).
 
-    Codes are computed against the bf16-rounded scale and zero, i.e. against what is stored. Every
-    candidate range of a chunk of rows is tried in one pass of each operation (in place, one buffer);
-    the first candidate with the least error wins, and the codes are computed once, for the winner.
-    Rows are converted to fp32 a chunk at a time into one reused buffer: no fp32 copy of the matrix (nor
-    its page faults)."""
+    Codes are computed against the bf16-rounded scale and zero, i.e. against what is stored. Rows are
+    converted to fp32 a block at a time into one reused buffer (no fp32 copy of the matrix, nor its page
+    faults); every candidate range is tried on a few rows at a time (`_errors`); the first candidate with
+    the least error wins, and the codes are computed once, for the winner. The grids and the choice are
+    small per-group tensors: computed once per block, their per-operation overhead is paid rarely."""
     N, K = w.shape
     top, mid = (1 << bits) - 1, 1 << (bits - 1)
     halves = [s / 2 for s in (factors or SHRINKS[bits])]
@@ -56,25 +71,22 @@ def quantize_groups(w: torch.Tensor, bits: int, G: int, factors: tuple[float, ..
     stacked = torch.tensor(halves, device=w.device).view(-1, 1, 1, 1)          # [S, 1, 1, 1]
     codes = torch.empty(N, K, dtype=torch.uint8, device=w.device)
     sz = torch.empty(N, K // G, 2, dtype=torch.bfloat16, device=w.device)
-    rows = max(1, CHUNK // (S * K))
+    rows = max(1, BLOCK // K)
     R = min(rows, N)
-    x, c = torch.empty(R * K, device=w.device), torch.empty(S * R * K, device=w.device)
+    searched = S * max(1, CHUNK // (S * K))  # rows x candidates of one pass of `_errors`
+    x, c = torch.empty(R * K, device=w.device), torch.empty(max(R, searched) * K, device=w.device)
     for r in range(0, N, rows):
         n = min(rows, N - r)
-        g = x[:n * K].view(n, K).copy_(w[r:r + n]).view(n, K // G, G)           # [R, K/G, G]
+        g = x[:n * K].view(n, K).copy_(w[r:r + n]).view(n, K // G, G)           # [n, K/G, G]
         hi, lo = g.amax(-1, keepdim=True), g.amin(-1, keepdim=True)
-        scale, zero = _grid(hi, lo, stacked, top, mid)                          # [S, R, K/G, 1]
-        q = c[:S * g.numel()].view(S, *g.shape)                                # [S, R, K/G, G]
-        torch.sub(g, zero, out=q).div_(scale).round_().clamp_(-mid, top - mid)  # = codes - mid, exactly
-        err = q.mul_(scale).add_(zero).sub_(g).square_().sum(-1, keepdim=True)  # [S, R, K/G, 1]
+        err = _errors(g, *_grid(hi, lo, stacked, top, mid), top, mid, c)        # [S, n, K/G, 1]
         least, half = err[0], torch.full_like(hi, halves[0])
         for i in range(1, S):  # the first candidate of least error wins
             half.masked_fill_(err[i] < least, halves[i])
             least = torch.minimum(least, err[i])
         scale, zero = _grid(hi, lo, half, top, mid)                             # the winner's, recomputed
-        q = q[0]
-        torch.sub(g, zero, out=q).div_(scale).round_().add_(MAGIC + mid).clamp_(MAGIC, MAGIC + top)
-        codes[r:r + n].view(g.shape).copy_(q.view(torch.int32))  # the low byte of MAGIC + code is the code
+        q = torch.sub(g, zero, out=c[:g.numel()].view(g.shape)).div_(scale).round_().add_(MAGIC + mid)
+        codes[r:r + n].view(g.shape).copy_(q.clamp_(MAGIC, MAGIC + top).view(torch.int32))  # low byte = the code
         sz[r:r + n] = torch.cat([scale, zero], -1)
     return codes, sz.transpose(0, 1).contiguous()
 

@@ -25,7 +25,7 @@ import torch
 LAYOUTS: dict[str, tuple[int, bool]] = {"avx512": (64, True), "avx2": (32, True),
                                         "scalar32": (32, False), "scalar16": (16, False)}
 CANONICAL = "avx512"
-PACK_CHUNK = 1 << 18  # codes packed at a time by pack_int4
+PACK_CHUNK = 1 << 18  # codes packed at a time by pack_int4 (kernel bytes by pack_low2 / pack_bit2)
 
 if sys.byteorder != "little":  # the int16/int32 views below read bytes in little-endian order
     raise ImportError("offload.formats.packing assumes a little-endian CPU")
@@ -77,24 +77,32 @@ def unpack_int4(packed: torch.Tensor, N: int, K: int, layout: str = CANONICAL) -
 def pack_low2(kernel: torch.Tensor) -> torch.Tensor:
     """Kernel bytes [M/2] -> the low two bits of each code in kernel order, four to a byte [M/4]: equal to
     `pack_bits(kernel_order(codes) & 3, 2)`, computed on 16-bit words (two kernel bytes -> one byte) instead of
-    a nibble stream (int2/int3 packing: ~6x less time on 4096x14336)."""
-    x = kernel.reshape(-1).view(torch.int16) & 0x3333    # per nibble: its low two bits (bit 15 clear: no sign)
-    x |= x >> 2                                          # per byte: lo | hi << 2 in its low nibble
-    x &= 0x0F0F
-    x |= x >> 4                                          # low byte: byte 0's nibble | byte 1's << 4
-    return x.to(torch.uint8)                             # keeps the low byte
+    a nibble stream, PACK_CHUNK bytes at a time (its temporaries stay in cache)."""
+    flat = kernel.reshape(-1)
+    out = torch.empty(flat.numel() // 2, dtype=torch.uint8, device=kernel.device)
+    for i in range(0, flat.numel(), PACK_CHUNK):
+        x = flat[i:i + PACK_CHUNK].view(torch.int16) & 0x3333  # per nibble: its low two bits (bit 15 clear: no sign)
+        x |= x >> 2                                             # per byte: lo | hi << 2 in its low nibble
+        x &= 0x0F0F
+        x |= x >> 4                                             # low byte: byte 0's nibble | byte 1's << 4
+        out[i // 2:(i + PACK_CHUNK) // 2] = x                   # narrowed: keeps the low byte
+    return out
 
 
 def pack_bit2(kernel: torch.Tensor) -> torch.Tensor:
     """Kernel bytes [M/2] -> bit 2 of each code in kernel order, eight to a byte [M/8]: equal to
-    `pack_bits((kernel_order(codes) >> 2) & 1, 1)` (int3's high plane), on 32-bit words."""
-    x = (kernel.reshape(-1).view(torch.int32) >> 2) & 0x11111111  # nibble m's bit at 4m (sign bits masked off)
-    x |= x >> 3                                                     # pairs at bits 8j, 8j + 1
-    x &= 0x03030303
-    x |= x >> 6                                                     # quads at bits 0-3 and 16-19
-    x &= 0x000F000F
-    x |= x >> 12
-    return x.to(torch.uint8)
+    `pack_bits((kernel_order(codes) >> 2) & 1, 1)` (int3's high plane), on 32-bit words, PACK_CHUNK bytes at a time."""
+    flat = kernel.reshape(-1)
+    out = torch.empty(flat.numel() // 4, dtype=torch.uint8, device=kernel.device)
+    for i in range(0, flat.numel(), PACK_CHUNK):
+        x = (flat[i:i + PACK_CHUNK].view(torch.int32) >> 2) & 0x11111111  # nibble m's bit at 4m (sign masked off)
+        x |= x >> 3                                                        # pairs at bits 8j, 8j + 1
+        x &= 0x03030303
+        x |= x >> 6                                                        # quads at bits 0-3 and 16-19
+        x &= 0x000F000F
+        x |= x >> 12
+        out[i // 4:(i + PACK_CHUNK) // 4] = x
+    return out
 
 
 def nibbles_to_bytes(stream: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,9 @@ LZMA_FILTERS = ({"id": lzma.FILTER_LZMA2, "preset": 6, "dict_size": 1 << 20, "lc
                  "nice_len": 273},)
 
 PAYS = 0.95  # store a record compressed only when that saves more than 5% of its bytes
+# lz4 is tried on a whole record only where it saves 2% or more of PROBES pieces of PROBE bytes spread evenly through
+# it: quantized codes never pay (int8..int2: ratio 1.004) and their full trial cost 2-19% of a conversion.
+PROBES, PROBE, PROBE_SAVES = 16, 4096, 0.98
 DIGITS = np.array([[b // 3**i % 3 for i in range(5)] for b in range(243)], dtype=np.uint8)  # byte -> 5 base-3 digits
 
 
@@ -131,12 +134,22 @@ def entropy_coder(name: str, kind_name: str, layout: ExpertLayout, dictionaries:
     return coder
 
 
+def lz4_may_pay(record: memoryview) -> bool:
+    """Whether lz4 compresses evenly spread pieces of `record` (always true of records under 4x the probes)."""
+    n = len(record)
+    if n < 4 * PROBES * PROBE:
+        return True
+    step = n // PROBES
+    sample = b"".join(record[i * step:i * step + PROBE] for i in range(PROBES))
+    return len(lz4.block.compress(sample, store_size=False)) <= PROBE_SAVES * len(sample)
+
+
 def compress(record: memoryview, entropy: Lzma | Dict16 | None = None) -> tuple[memoryview | bytes, str | None]:
     """(bytes to write, codec): lz4 where it measurably pays, then `entropy` where it beats that (or raw) too.
     An entropy coder only for kinds that ask for it (sparse ternary): lzma decodes at ~25-45 MB/s against
     lz4's GB/s; it would shave 6-11% off int8..int2 records at the cost of every hot-tier load."""
     best, codec = record, None
-    packed = lz4.block.compress(record, store_size=False)
+    packed = lz4.block.compress(record, store_size=False) if lz4_may_pay(record) else record
     if len(packed) <= PAYS * len(record):
         best, codec = packed, "lz4"
     if entropy is not None:

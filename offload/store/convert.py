@@ -135,6 +135,7 @@ def _write(source: CheckpointSource, store_dir: Path, settings: dict, codec: Rec
     done = len(journal["records"])
     end = journal["records"][-1][4] + journal["records"][-1][5] if done else 0  # offset + length of the last
     buf = torch.zeros(record_bytes, dtype=torch.uint8)
+    dense = source.layout.views(torch.empty(source.layout.nbytes, dtype=torch.uint8))  # every expert read into it
     mode = "r+b" if done else "wb"
     with open(partial, mode) as f, _progress(progress, len(keys) * record_bytes, done * record_bytes) as bar:
         f.truncate(end)
@@ -142,7 +143,8 @@ def _write(source: CheckpointSource, store_dir: Path, settings: dict, codec: Rec
         last_sync = time.monotonic()
         for i in range(done, len(keys)):
             key = keys[i]
-            fmt, layout, tensors = encode(key, source.read(key))
+            source.read_into(key, dense)
+            fmt, layout, tensors = encode(key, dense)
             layout.pack(tensors, buf[: layout.nbytes])
             entropy = None
             if codec is not None and codec.entropy_coded(fmt):

@@ -46,7 +46,8 @@ def matrices() -> dict[str, torch.Tensor]:
 def test_codes_and_scales_equal_the_reference(bits, G, name, monkeypatch):
     w = matrices()[name]
     want = reference_quantize_groups(w, bits, G)
-    for chunk in (groupwise.CHUNK, 5 * 384):  # one chunk, and chunks that leave a short last one
+    for block, chunk in ((groupwise.BLOCK, groupwise.CHUNK), (7 * 384, 5 * 384)):  # one block; blocks and passes
+        monkeypatch.setattr(groupwise, "BLOCK", block)                              # that leave a short last one
         monkeypatch.setattr(groupwise, "CHUNK", chunk)
         got = groupwise.quantize_groups(w, bits, G)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from offload import OffloadError
+from offload.store import codec
 from offload.store.codec import Dict16, ternary_segments
 from offload.store.convert import build_store
 from offload.store.disk import INDEX, DiskStore
@@ -151,3 +152,14 @@ def test_a_model_on_a_dict16_store_generates_what_it_does_on_lzma(tiny_dir, tmp_
     assert torch.equal(outs["lzma"], outs["dict16"])
     with pytest.raises(OffloadError, match="entropy_coder dict16.*delete"):  # its settings name the coder
         OffloadedModel.from_pretrained(model_dir, store="disk", store_dir=str(tmp_path / "dict16"), bits="ternary-z80")
+
+
+def test_lz4_is_tried_on_a_long_record_only_where_its_probes_compress():
+    """Quantized codes (random bytes) skip lz4's trial and are stored raw, as the trial would have left them;
+    a long record of mostly zeros is still found compressible and stored lz4-coded."""
+    n = 4 * codec.PROBES * codec.PROBE
+    noise = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy()
+    sparse = np.where(np.arange(n) % 10 == 0, noise, 0).astype(np.uint8)
+    assert not codec.lz4_may_pay(memoryview(noise)) and codec.lz4_may_pay(memoryview(sparse))
+    assert codec.compress(memoryview(noise))[1] is None and codec.compress(memoryview(sparse))[1] == "lz4"
+    assert codec.lz4_may_pay(memoryview(noise[:n - 1]))  # short records: the whole trial, as before

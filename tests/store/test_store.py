@@ -83,15 +83,15 @@ def test_interrupted_conversion_resumes_byte_identical(tiny_dir, tmp_path, monke
     codec, settings = codec_of(src, bits), {"format": bits or "dense"}
     convert(src, tmp_path / "clean", settings, codec, progress=False)
     calls = {"n": 0}
-    real_read = CheckpointSource.read
+    real_read = CheckpointSource.read_into
 
-    def dying_read(self, key):
+    def dying_read(self, key, views):
         calls["n"] += 1
         if calls["n"] == 11:
             raise KeyboardInterrupt  # killed mid-way
-        return real_read(self, key)
+        return real_read(self, key, views)
 
-    monkeypatch.setattr(CheckpointSource, "read", dying_read)
+    monkeypatch.setattr(CheckpointSource, "read_into", dying_read)
     monkeypatch.setattr("offload.store.convert.time.monotonic", iter(range(0, 10**6, 2)).__next__)  # journal every record
     with pytest.raises(KeyboardInterrupt):
         convert(src, tmp_path / "resumed", settings, codec, progress=False)
@@ -103,7 +103,7 @@ def test_interrupted_conversion_resumes_byte_identical(tiny_dir, tmp_path, monke
     # garbage after the journalled records (a half-written record) must be discarded on resume
     with open(tmp_path / "resumed" / PARTIAL, "ab") as f:
         f.write(b"\x01" * 100)
-    monkeypatch.setattr(CheckpointSource, "read", real_read)
+    monkeypatch.setattr(CheckpointSource, "read_into", real_read)
     convert(src, tmp_path / "resumed", settings, codec, progress=False)
     assert digest(tmp_path / "resumed") == digest(tmp_path / "clean")
 
@@ -143,7 +143,7 @@ def test_lz4_only_where_it_pays_and_round_trips(tiny_dir, tmp_path):
             t = {n: torch.where(torch.rand(v.shape, generator=g) < 0.9, torch.zeros_like(v), v) for n, v in t.items()}
         return t
 
-    src.read = sparse_every_other
+    src.read_into = lambda key, views: [v.copy_(sparse_every_other(key)[n]) for n, v in views.items()]
     convert(src, tmp_path / "s", {"format": "dense"}, progress=False)
     store = DiskStore(tmp_path / "s")
     assert [store.codec_of(k) for k in src.keys()] == ["lz4" if k[1] % 2 == 0 else None for k in src.keys()]
