@@ -15,6 +15,7 @@ from functools import cached_property
 import torch
 
 from offload.errors import OffloadError
+from offload.formats.budget import BitsBudget
 from offload.store.layout import ExpertLayout, TensorSpec
 from offload.formats.quant import (GROUP_SIZES, QFormat, compute_layout, parse_format, qlinear, quantize, resolve_format,
                            storage_layout, to_compute)
@@ -27,6 +28,9 @@ def format_of(bits) -> QFormat | None:
     """None/16 -> dense (the model dtype); 8/4/3/2 -> int; 'ternary', 'ternary-z90', 'int4-g64', ..."""
     if bits is None or bits == 16 or bits in ("bf16", "16", "dense"):
         return None
+    budget = BitsBudget.of(bits)
+    if budget is not None:  # each record's shares are the converter's (offload/store/allocation.py)
+        return budget.fmt
     if isinstance(bits, int) and bits in _BITS:
         return parse_format(_BITS[bits])
     if isinstance(bits, str):
@@ -163,9 +167,8 @@ class RecordCodec:
 
     def encode(self, key: tuple[int, int], tensors: dict[str, torch.Tensor]):
         """Dense record tensors -> (kind name, storage layout, storage tensors): the converter's encoder."""
-        fmt = self.rule(*key)
         mats = {m: tensors[m].T if self.transposed else tensors[m] for m in MATRICES}  # quantizers convert by chunks
-        fmts = tuple(resolve_format(fmt, mats[m]) for m in MATRICES)
+        fmts = self.formats_of(key, mats)
         kind = self.kind(fmts)
         out = {}
         for m, f in zip(MATRICES, fmts):
@@ -174,6 +177,11 @@ class RecordCodec:
         for b in self.biases:
             out[b.name] = tensors[b.name]
         return kind.name, kind.storage, out
+
+    def formats_of(self, key: tuple[int, int], mats: dict[str, torch.Tensor]) -> tuple[QFormat, QFormat]:
+        """The (gate_up, down) formats of expert `key`: the rule's, group sizes resolved per matrix."""
+        fmt = self.rule(*key)
+        return tuple(resolve_format(fmt, mats[m]) for m in MATRICES)
 
     def quantize_matrix(self, key: tuple[int, int], matrix: str, w: torch.Tensor, fmt: QFormat) -> dict:
         """One matrix of expert `key` in its storage form: from the weights alone here (calibrated codecs
