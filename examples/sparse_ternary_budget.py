@@ -22,11 +22,11 @@ import torch
 
 from offload.bench.formats import TEXT_TOKENS, heldout_ids, store_size
 from offload.config import OffloadConfig
-from offload.formats.budget import ZEROS, BitsBudget, allocate
+from offload.formats.budget import ZEROS, BitsBudget
 from offload.formats.record import MATRICES
 from offload.model import OffloadedModel
 from offload.store import calibrate
-from offload.store.allocation import BudgetCodec, measure, target_bytes
+from offload.store.allocation import BudgetCodec, choose, measure
 from offload.store.convert import codec_for, open_or_convert, store_settings
 from offload.store.source import open_checkpoint
 
@@ -68,10 +68,9 @@ def main() -> None:
                     costs = measure(codec, source)
                     print(f"measured {len(costs.error)} matrices x {len(ZEROS)} shares in "
                           f"{time.perf_counter() - t0:.0f} s", flush=True)
-                picked = allocate(costs, target_bytes(budget, source))
-                choice = {k: tuple(ZEROS[picked[k, m]] for m in MATRICES) for k in source.keys()}
+                choice = choose(costs, budget, source, codec)
                 codec = BudgetCodec(codec, budget, choice)
-                mean = {m: sum(ZEROS[picked[k, m]] for k in source.keys()) / total for m in MATRICES}
+                mean = {m: sum(choice[tuple(k)][i] for k in source.keys()) / total for i, m in enumerate(MATRICES)}
                 note = ", ".join(f"{m} {mean[m]:.1f}%" for m in MATRICES)
             store = open_or_convert(source, work / fmt, store_settings(cfg, codec), codec, progress=False)
             store.close()

@@ -14,12 +14,11 @@ from offload.formats.quant import QFormat, dequantize
 from offload.formats.record import MATRICES
 from offload.store.calibrate import CalibratedCodec
 from offload.store.codec import Lzma
-from offload.store.disk import ALIGN, ALIGN_MIN
+from offload.store.disk import ALIGN, ALIGN_MIN, checksum
 from offload.store.source import CheckpointSource
 
 CACHE = "budget.json"
-INDEX_BYTES = 256  # per record: its entry in index.json, with room to spare
-HEADER_BYTES = 16384  # index.json's header and layouts
+HEADER_BYTES = 1024  # index.json's version, fingerprint and settings, with room to spare
 Choice = dict[Key, tuple[int, int]]  # zero percent of (gate_up, down)
 
 
@@ -68,13 +67,40 @@ def measure(codec: CalibratedCodec, source: CheckpointSource) -> Costs:
     return Costs(error, nbytes)
 
 
-def target_bytes(budget: BitsBudget, source: CheckpointSource) -> int:
-    """The records' bytes the budget allows: its bits over every expert parameter, less each record's index
-    entry and, for records long enough to be aligned, the worst padding before it."""
+def index_bytes(codec: CalibratedCodec, keys: list, kinds: int) -> int:
+    """An upper bound on index.json for the records of `keys` in `kinds` distinct kinds: one journal entry each,
+    one layout per kind, the header and the codec's meta (with a budget's of its own)."""
+    fmt = QFormat("ternary", zeros=ZEROS[-1])
+    kind = codec.kind((fmt, fmt))
+    entry = json.dumps([99999, 99999, kind.name, checksum(b""), 2**50, 2**40, "lzma"])
+    layout = json.dumps({kind.name: kind.storage.to_json()})
+    return len(keys) * (len(entry) + 2) + kinds * (len(layout) + 2) + len(json.dumps(codec.meta(keys))) + HEADER_BYTES
+
+
+def target_bytes(budget: BitsBudget, source: CheckpointSource, codec: CalibratedCodec, kinds: int) -> int:
+    """The records' bytes the budget allows: its bits over every expert parameter, less the index and, for
+    records long enough to be aligned, the worst padding before each."""
     n = len(source.keys())
     params = n * sum(math.prod(s.shape) for s in source.layout.specs)
     padding = ALIGN if budget.bits * params / n / 8 >= ALIGN_MIN else 0
-    return int(budget.bits * params / 8) - n * (INDEX_BYTES + padding) - HEADER_BYTES
+    return int(budget.bits * params / 8) - n * padding - index_bytes(codec, source.keys(), kinds)
+
+
+def choose(costs: Costs, budget: BitsBudget, source: CheckpointSource, codec: CalibratedCodec) -> Choice:
+    """The allocation within the budget, the index sized for as many record kinds as the choice has (at first
+    one per record, then the count the previous choice used, while that fits)."""
+    keys = [tuple(k) for k in source.keys()]
+    kinds, choice = len(keys), None
+    while True:
+        picked = allocate(costs, target_bytes(budget, source, codec, kinds))
+        found = {k: tuple(ZEROS[picked[k, m]] for m in MATRICES) for k in keys}
+        used = len(set(found.values()))
+        if used > kinds:
+            return choice
+        choice = found
+        if used == kinds:
+            return choice
+        kinds = used
 
 
 def budget_codec(codec: CalibratedCodec, budget: BitsBudget, source: CheckpointSource, store_dir: Path,
@@ -88,8 +114,7 @@ def budget_codec(codec: CalibratedCodec, budget: BitsBudget, source: CheckpointS
         if saved.get("tag") == tag:
             choice = {tuple(int(i) for i in k.split(".")): tuple(v) for k, v in saved["zeros"].items()}
             return BudgetCodec(codec, budget, choice)
-    picked = allocate(measure(codec, source), target_bytes(budget, source))
-    choice = {tuple(key): tuple(ZEROS[picked[key, m]] for m in MATRICES) for key in source.keys()}
+    choice = choose(measure(codec, source), budget, source, codec)
     Path(store_dir).mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(CACHE + ".tmp")
     with open(tmp, "w") as f:
