@@ -1,8 +1,8 @@
 """Sparse ternary at a bits budget (ternary-bX, offload/formats/budget.py) against fixed shares of zeros and
 calibrated int2, on one model.
 
-    python examples/sparse_ternary_budget.py [MODEL_DIR] [--calibration FILE] [--budgets 1.0,0.9]
-                                             [--formats ternary-z70,ternary-z80,int2-g32] [--tokens 256]
+    python examples/sparse_ternary_budget.py [MODEL_DIR] [--calibration FILE] [--budgets 1.0,0.8,0.6]
+                                             [--formats ternary-z70,ternary-z80,ternary-z90,int2-g32] [--tokens 256]
 
 MODEL_DIR defaults to the shipped demo model and --calibration to its calibration.txt. The calibration pass
 and the budget's per-matrix measurements run once; every store is converted with GPTQ from those statistics
@@ -37,8 +37,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model_dir", nargs="?", type=Path, default=DEMO)
     ap.add_argument("--calibration", type=Path, default=DEMO / "calibration.txt")
-    ap.add_argument("--budgets", default="1.0")
-    ap.add_argument("--formats", default="ternary-z70,ternary-z80,int2-g32,int2-g64,int2-g128")
+    ap.add_argument("--budgets", default="1.0,0.8,0.6")
+    ap.add_argument("--formats", default="ternary-z70,ternary-z80,ternary-z90,int2-g32")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--work-dir", type=Path)
     args = ap.parse_args()

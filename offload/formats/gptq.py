@@ -75,10 +75,12 @@ class TernaryGrid:
 
     def refit(self, w: torch.Tensor, H: torch.Tensor) -> None:
         """Each row's scale to the least-squares optimum of tr((w - s t) H (w - s t)^T) given its codes t,
-        s = w H t^T / t H t^T: the weights' TWN scale ignores that error feedback moved the codes."""
+        s = w H t^T / t H t^T: the weights' TWN scale ignores that error feedback moved the codes. A row whose
+        optimum is negative flips its codes' signs instead (the same error, a scale the format can hold)."""
         t = self.t.float()
         num, den = ((w @ H) * t).sum(1), ((t @ H) * t).sum(1)
-        self.scale = torch.where(den > 0, num / den.clamp(min=1e-30), self.scale).clamp(min=0).bfloat16().float()
+        self.t.mul_(torch.where(num < 0, -1, 1).to(torch.int8)[:, None])
+        self.scale = torch.where(den > 0, num.abs() / den.clamp(min=1e-30), self.scale).bfloat16().float()
 
     def parts(self) -> Parts:
         return self.kind.pack(self.t, self.scale)
