@@ -42,7 +42,7 @@ def format_of(bits) -> QFormat | None:
 def format_rule(bits) -> Callable[[int, int], QFormat | None]:
     """bits option -> (layer, expert) -> format. Dict keys: 'default', 'layers[i]', 'layers[a:b]'."""
     if callable(bits):
-        return lambda layer, expert: format_of(bits(layer, expert))
+        return lambda layer, expert: _part_of(bits(layer, expert))
     if not isinstance(bits, dict):
         fmt = format_of(bits)
         return lambda layer, expert: fmt
@@ -55,9 +55,17 @@ def format_rule(bits) -> Callable[[int, int], QFormat | None]:
             raise OffloadError(f"bits key {key!r} not understood; use 'default', 'layers[3]' or 'layers[0:4]'")
         lo = int(m.group(1) or 0)
         hi = (int(m.group(3)) if m.group(3) else 10**9) if m.group(2) else lo + 1
-        rules.append((lo, hi, format_of(value)))
-    default = format_of(bits.get("default"))
+        rules.append((lo, hi, _part_of(value)))
+    default = _part_of(bits.get("default"))
     return lambda layer, expert: next((f for lo, hi, f in rules if lo <= layer < hi), default)
+
+
+def _part_of(bits) -> QFormat | None:
+    """A per-layer or per-expert format: anything format_of takes but a bits budget, which is the whole model's."""
+    if BitsBudget.of(bits) is not None:
+        raise OffloadError(f"{bits!r} is a bits budget for the whole model; give it as bits={bits!r}, not per layer "
+                           f"or per expert (or use a fixed share there, such as 'ternary-z80')")
+    return format_of(bits)
 
 
 @dataclass(frozen=True)

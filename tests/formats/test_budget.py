@@ -10,7 +10,7 @@ import pytest
 from offload.config import OffloadConfig
 from offload.errors import OffloadError
 from offload.formats.budget import ZEROS, BitsBudget, Costs, allocate
-from offload.formats.record import format_of
+from offload.formats.record import format_of, format_rule
 
 
 def test_spelling():
@@ -73,3 +73,9 @@ def test_an_impossible_budget_is_one_line():
     costs = random_costs(4)
     with pytest.raises(OffloadError, match=r"over the budget's .*; give a larger budget \(ternary-bX\)"):
         allocate(costs, 10)
+
+
+@pytest.mark.parametrize("bits", [{"default": "ternary-b1.0"}, {"default": "ternary-z80", "layers[0]": "ternary-b0.8"}])
+def test_a_budget_is_for_the_whole_model(bits):
+    with pytest.raises(OffloadError, match=r"is a bits budget for the whole model; give it as bits='ternary-b"):
+        format_rule(bits)(0, 0)
