@@ -49,7 +49,7 @@ class BitsBudget:
         return QFormat("ternary", zeros=ZEROS[0])
 
     def __str__(self) -> str:
-        return f"ternary-b{self.bits:g}"
+        return f"ternary-b{self.bits}"
 
 
 

@@ -14,7 +14,7 @@ from offload.formats.record import format_of, format_rule
 
 
 def test_spelling():
-    assert BitsBudget.of("ternary-b1.0") == BitsBudget(1.0) and str(BitsBudget(1.0)) == "ternary-b1"
+    assert BitsBudget.of("ternary-b1.0") == BitsBudget(1.0) and str(BitsBudget(1.0)) == "ternary-b1.0"
     assert BitsBudget.of("Ternary-B0.75").bits == 0.75
     assert BitsBudget.of("ternary-z80") is None and BitsBudget.of(4) is None
     assert format_of("ternary-b1.0").kind == "ternary"  # records and slots sized as any ternary-zNN
