@@ -140,6 +140,12 @@ class OffloadConfig:
             from offload.formats.record import format_rule
 
             format_rule(self.bits)(0, 0)  # parses every entry: bad formats fail here, with the fix named
+            from offload.formats.budget import BitsBudget
+
+            if BitsBudget.of(self.bits) is not None and (self.calibration is None or self.entropy_coder != "lzma"):
+                raise OffloadError(f"bits={self.bits!r} chooses each matrix's zeros from calibrated output error and "
+                                   f"sizes them with lzma; add calibration=FILE (--calibration FILE) and keep "
+                                   f"entropy_coder='lzma', or use a fixed share such as 'ternary-z80'")
             if self.store != "disk":
                 raise OffloadError(f"bits={self.bits!r} needs a converted store: add store='disk' and "
                                    f"store_dir=PATH (converted once, reused afterwards)")

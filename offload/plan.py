@@ -257,12 +257,15 @@ def _size_option(value: int | str) -> str:
 
 
 def _format_name(cfg: OffloadConfig) -> str:
+    from offload.formats.budget import BitsBudget
     from offload.formats.record import format_of
 
     if isinstance(cfg.bits, dict):
         return ", ".join(f"{k} {format_of(v) or 'dense'}" for k, v in cfg.bits.items())
     if callable(cfg.bits):
         return "per expert (custom)"
+    if (budget := BitsBudget.of(cfg.bits)) is not None:
+        return f"{budget} (zeros per expert matrix)"
     fmt = format_of(cfg.bits)
     return str(fmt) if fmt is not None else f"dense ({str(cfg.dtype).removeprefix('torch.')})"
 

@@ -18,7 +18,8 @@ convert_app = typer.Typer(add_completion=False, context_settings=HELP_OPTIONS,
 def convert(
     model_dir: Path = typer.Argument(..., help="Hugging Face checkpoint directory"),
     out: Path = typer.Option(..., "--out", "-o", help="store directory to write (resumes if interrupted)"),
-    bits: Optional[str] = typer.Option(None, help="expert format: 16, 8, 4, 3, 2, ternary, int4-g32, ternary-z90, ...",
+    bits: Optional[str] = typer.Option(None, help="expert format: 16, 8, 4, 3, 2, ternary, int4-g32, ternary-z90, "
+                                       "ternary-b1.0 (a bits budget, with --calibration), ...",
                                        show_default="16: the checkpoint's dtype"),
     dtype: str = typer.Option("bfloat16", help="dtype of dense records"),
     calibration: Optional[Path] = typer.Option(None, help="text file: quantize with GPTQ on the activations it "

@@ -15,6 +15,7 @@ from functools import cached_property
 import torch
 
 from offload.errors import OffloadError
+from offload.formats.budget import BitsBudget
 from offload.store.layout import ExpertLayout, TensorSpec
 from offload.formats.quant import (GROUP_SIZES, QFormat, compute_layout, parse_format, qlinear, quantize, resolve_format,
                            storage_layout, to_compute)
@@ -27,6 +28,9 @@ def format_of(bits) -> QFormat | None:
     """None/16 -> dense (the model dtype); 8/4/3/2 -> int; 'ternary', 'ternary-z90', 'int4-g64', ..."""
     if bits is None or bits == 16 or bits in ("bf16", "16", "dense"):
         return None
+    budget = BitsBudget.of(bits)
+    if budget is not None:  # each record's shares are the converter's (offload/store/allocation.py)
+        return budget.fmt
     if isinstance(bits, int) and bits in _BITS:
         return parse_format(_BITS[bits])
     if isinstance(bits, str):
@@ -38,7 +42,7 @@ def format_of(bits) -> QFormat | None:
 def format_rule(bits) -> Callable[[int, int], QFormat | None]:
     """bits option -> (layer, expert) -> format. Dict keys: 'default', 'layers[i]', 'layers[a:b]'."""
     if callable(bits):
-        return lambda layer, expert: format_of(bits(layer, expert))
+        return lambda layer, expert: _part_of(bits(layer, expert))
     if not isinstance(bits, dict):
         fmt = format_of(bits)
         return lambda layer, expert: fmt
@@ -51,9 +55,17 @@ def format_rule(bits) -> Callable[[int, int], QFormat | None]:
             raise OffloadError(f"bits key {key!r} not understood; use 'default', 'layers[3]' or 'layers[0:4]'")
         lo = int(m.group(1) or 0)
         hi = (int(m.group(3)) if m.group(3) else 10**9) if m.group(2) else lo + 1
-        rules.append((lo, hi, format_of(value)))
-    default = format_of(bits.get("default"))
+        rules.append((lo, hi, _part_of(value)))
+    default = _part_of(bits.get("default"))
     return lambda layer, expert: next((f for lo, hi, f in rules if lo <= layer < hi), default)
+
+
+def _part_of(bits) -> QFormat | None:
+    """A per-layer or per-expert format: anything format_of takes but a bits budget, which is the whole model's."""
+    if BitsBudget.of(bits) is not None:
+        raise OffloadError(f"{bits!r} is a bits budget for the whole model; give it as bits={bits!r}, not per layer "
+                           f"or per expert (or use a fixed share there, such as 'ternary-z80')")
+    return format_of(bits)
 
 
 @dataclass(frozen=True)
@@ -163,9 +175,8 @@ class RecordCodec:
 
     def encode(self, key: tuple[int, int], tensors: dict[str, torch.Tensor]):
         """Dense record tensors -> (kind name, storage layout, storage tensors): the converter's encoder."""
-        fmt = self.rule(*key)
         mats = {m: tensors[m].T if self.transposed else tensors[m] for m in MATRICES}  # quantizers convert by chunks
-        fmts = tuple(resolve_format(fmt, mats[m]) for m in MATRICES)
+        fmts = self.formats_of(key, mats)
         kind = self.kind(fmts)
         out = {}
         for m, f in zip(MATRICES, fmts):
@@ -174,6 +185,11 @@ class RecordCodec:
         for b in self.biases:
             out[b.name] = tensors[b.name]
         return kind.name, kind.storage, out
+
+    def formats_of(self, key: tuple[int, int], mats: dict[str, torch.Tensor]) -> tuple[QFormat, QFormat]:
+        """The (gate_up, down) formats of expert `key`: the rule's, group sizes resolved per matrix."""
+        fmt = self.rule(*key)
+        return tuple(resolve_format(fmt, mats[m]) for m in MATRICES)
 
     def quantize_matrix(self, key: tuple[int, int], matrix: str, w: torch.Tensor, fmt: QFormat) -> dict:
         """One matrix of expert `key` in its storage form: from the weights alone here (calibrated codecs

@@ -23,6 +23,7 @@ import torch
 
 from offload.errors import OffloadError
 from offload.store.source import CheckpointSource
+from offload.formats.budget import BitsBudget
 from offload.formats.record import RecordCodec, format_rule
 from offload.store.codec import compress, entropy_coder
 from offload.store.disk import (ALIGN, ALIGN_MIN, DATA, INDEX, STORE_VERSION, DiskStore, RamStore, checksum,
@@ -213,6 +214,10 @@ def open_store(cfg, source: CheckpointSource, codec: RecordCodec | None, progres
 
         if not (Path(cfg.store_dir) / INDEX).exists():  # statistics only when there are records to write
             codec = calibrated_codec(codec, source, cfg.calibration, Path(cfg.store_dir), cfg.dtype, progress)
+            if (budget := BitsBudget.of(cfg.bits)) is not None:
+                from offload.store.allocation import budget_codec
+
+                codec = budget_codec(codec, budget, source, Path(cfg.store_dir), settings["calibration"])
     return open_or_convert(source, Path(cfg.store_dir), settings, codec, progress=progress, verify=cfg.verify,
                            direct=cfg.direct_io)
 

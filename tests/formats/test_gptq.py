@@ -66,3 +66,23 @@ def test_int8_and_adaptive_stay_weight_only():
     assert not supports(parse_format("int8")) and not supports(parse_format("int4-adaptive"))
     assert supports(parse_format("ternary")) and supports(parse_format("int2-g32"))
     assert supports(parse_format("ternary-z80"))
+
+
+@pytest.mark.parametrize("name", ["ternary", "ternary-z80", "ternary-z90"])
+def test_ternary_scales_are_refitted_to_the_least_squares_optimum(name):
+    _, W, H = problem(K=256)
+    fmt = parse_format(name)
+    one, two = gptq(W, H, fmt, passes=1), gptq(W, H, fmt, passes=2)
+    assert calibration_loss(W, H, two, fmt) <= calibration_loss(W, H, one, fmt)
+    for f in (0.98, 1.02):  # the stored scale is the optimum given the codes: moving it costs
+        moved = {**two, "scales": (two["scales"].float() * f).bfloat16()}
+        assert calibration_loss(W, H, moved, fmt) > calibration_loss(W, H, two, fmt)
+
+
+def test_matrix_support_has_the_matrix_share_of_zeros_and_beats_per_row():
+    _, W, H = problem(K=256)
+    fmt = parse_format("ternary-z80")
+    matrix, joint = gptq(W, H, fmt, support="matrix"), gptq(W, H, fmt, support="joint")
+    t = dequantize(matrix, fmt, W.shape)
+    assert int((t != 0).sum()) == W.shape[0] * round(0.2 * 256)
+    assert calibration_loss(W, H, matrix, fmt) < calibration_loss(W, H, joint, fmt)

@@ -1,0 +1,93 @@
+"""Sparse ternary at a bits budget (ternary-bX, offload/formats/budget.py) against fixed shares of zeros and
+calibrated int2, on one model.
+
+    python examples/sparse_ternary_budget.py [MODEL_DIR] [--calibration FILE] [--budgets 1.0,0.8,0.6]
+                                             [--formats ternary-z70,ternary-z80,ternary-z90,int2-g32] [--tokens 256]
+
+MODEL_DIR defaults to the shipped demo model and --calibration to its calibration.txt. The calibration pass
+and the budget's per-matrix measurements run once; every store is converted with GPTQ from those statistics
+and evaluated as examples/calibration_quality.py does (perplexity on the first 2048 tokens of
+MODEL_DIR/heldout.txt, greedy agreement with bf16 over --tokens new tokens); bits/param from the store's
+files. Prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from offload.bench.formats import TEXT_TOKENS, heldout_ids, store_size
+from offload.config import OffloadConfig
+from offload.formats.budget import ZEROS, BitsBudget
+from offload.formats.record import MATRICES
+from offload.model import OffloadedModel
+from offload.store import calibrate
+from offload.store.allocation import BudgetCodec, choose, measure
+from offload.store.convert import codec_for, open_or_convert, store_settings
+from offload.store.source import open_checkpoint
+
+from calibration_quality import DEMO, quality
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model_dir", nargs="?", type=Path, default=DEMO)
+    ap.add_argument("--calibration", type=Path, default=DEMO / "calibration.txt")
+    ap.add_argument("--budgets", default="1.0,0.8,0.6")
+    ap.add_argument("--formats", default="ternary-z70,ternary-z80,ternary-z90,int2-g32")
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--work-dir", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    hf, arch, source, _ = open_checkpoint(args.model_dir, torch.bfloat16)
+    total = len(source.keys())
+    params = sum(math.prod(s.shape) for s in source.layout.specs)
+    window = int(hf.get_text_config().max_position_embeddings)
+    stats = calibrate.collect(source, args.calibration, torch.bfloat16, progress=False)
+
+    with OffloadedModel.from_pretrained(args.model_dir, cache_experts=total) as ref_model:
+        ids = heldout_ids(ref_model.tokenizer, args.model_dir / "heldout.txt", TEXT_TOKENS)
+        ref = quality(ref_model, ids, window, None, args.tokens)
+    rows = [("bf16", ref, 16.0, "-", None)]
+    budgets = [f"ternary-b{b}" for b in args.budgets.split(",") if b]
+    costs = None
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work_dir or Path(tmp)
+        for fmt in [f for f in args.formats.split(",") if f] + budgets:
+            cfg = OffloadConfig(store="disk", store_dir=str(work / fmt), bits=fmt, cache_experts=total,
+                                calibration=str(args.calibration))
+            codec = calibrate.CalibratedCodec(codec_for(cfg, source, arch), stats)
+            t0 = time.perf_counter()
+            note = "-"
+            if (budget := BitsBudget.of(fmt)) is not None:
+                if costs is None:
+                    costs = measure(codec, source)
+                    print(f"measured {len(costs.error)} matrices x {len(ZEROS)} shares in "
+                          f"{time.perf_counter() - t0:.0f} s", flush=True)
+                choice = choose(costs, budget, source, codec)
+                codec = BudgetCodec(codec, budget, choice)
+                mean = {m: sum(choice[tuple(k)][i] for k in source.keys()) / total for i, m in enumerate(MATRICES)}
+                note = ", ".join(f"{m} {mean[m]:.1f}%" for m in MATRICES)
+            store = open_or_convert(source, work / fmt, store_settings(cfg, codec), codec, progress=False)
+            store.close()
+            sec = time.perf_counter() - t0
+            with OffloadedModel.from_pretrained(args.model_dir, config=cfg) as m:
+                q = quality(m, ids, window, ref["tokens"], args.tokens)
+            bits = store_size(work / fmt, params)["bits_per_param"]
+            rows.append((fmt, q, bits, note, sec))
+            print(fmt, f"ppl {q['ppl']:.2f} ({100 * (q['ppl'] / ref['ppl'] - 1):+.1f}%) bits {bits:.3f} {note} "
+                  f"{sec:.0f} s", flush=True)
+    print("\n| format (GPTQ, calibrated) | perplexity | vs bf16 | greedy agreement (first difference) | bits/param "
+          "| mean zeros (gate_up, down) | convert s |\n|---|---:|---:|---:|---:|---|---:|")
+    for fmt, q, bits, note, sec in rows:
+        first = "-" if q["first"] is None else q["first"]
+        print(f"| {fmt} | {q['ppl']:.2f} | {100 * (q['ppl'] / ref['ppl'] - 1):+.1f}% | {q['agree']:.3f} ({first}) | "
+              f"{bits:.3f} | {note} | {'-' if sec is None else f'{sec:.0f}'} |")
+
+
+if __name__ == "__main__":
+    main()

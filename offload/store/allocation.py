@@ -1,0 +1,125 @@
+"""A bits budget's choice of zeros per expert matrix (offload/formats/budget.py), measured from the checkpoint
+and the calibration statistics, cached in the store (`budget.json`) and applied by `BudgetCodec`."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from offload.formats.budget import ZEROS, BitsBudget, Costs, Key, allocate
+from offload.formats.quant import QFormat, dequantize
+from offload.formats.record import MATRICES
+from offload.store.calibrate import CalibratedCodec
+from offload.store.codec import Lzma
+from offload.store.disk import ALIGN, ALIGN_MIN, checksum
+from offload.store.source import CheckpointSource
+
+CACHE = "budget.json"
+HEADER_BYTES = 1024  # index.json's version, fingerprint and settings, with room to spare
+Choice = dict[Key, tuple[int, int]]  # zero percent of (gate_up, down)
+
+
+class BudgetCodec(CalibratedCodec):
+    """A CalibratedCodec whose every record takes the zero shares its budget chose for it."""
+
+    def __init__(self, codec: CalibratedCodec, budget: BitsBudget, choice: Choice) -> None:
+        super().__init__(codec, codec.stats, codec.min_tokens, codec.support)
+        self.budget, self.choice = budget, choice
+
+    def formats_of(self, key, mats):
+        return tuple(QFormat("ternary", zeros=z) for z in self.choice[tuple(key)])
+
+    def meta(self, keys: list) -> dict:
+        shares = [z for k in keys for z in self.choice[tuple(k)]]
+        return {**super().meta(keys), "budget": {"bits_per_param": self.budget.bits,
+                                                 "mean_zeros": round(sum(shares) / len(shares), 2)}}
+
+
+def measure(codec: CalibratedCodec, source: CheckpointSource) -> Costs:
+    """Code every expert matrix at every share in ZEROS with `codec` and score it: the output error summed over
+    the tokens routed to it (at least codec.min_tokens; the layer's mean H where it saw none), lzma bytes."""
+    stats = codec.stats
+    layer_h: dict = {}
+    for (layer, _), s in stats.items():
+        for m in MATRICES:
+            layer_h.setdefault((layer, m), []).append(s[m])
+    layer_h = {k: torch.stack(v).mean(0) for k, v in layer_h.items()}
+    error, nbytes = {}, {}
+    coder = Lzma()
+    for key in source.keys():
+        tensors = source.read(key)
+        s = stats.get(tuple(key))
+        weight = max(s["tokens"] if s else 0, codec.min_tokens)
+        for i, m in enumerate(MATRICES):
+            w = (tensors[m].T if codec.transposed else tensors[m]).float()
+            H = s[m] if s else layer_h.get((key[0], m), torch.eye(w.shape[1]))
+            error[key, m], nbytes[key, m] = [], []
+            for z in ZEROS:
+                fmt = QFormat("ternary", zeros=z)
+                parts = codec.quantize_matrix(key, m, w, fmt)
+                E = w - dequantize(parts, fmt, codec.shapes[i])
+                error[key, m].append(weight * float(torch.einsum("nk,kl,nl->", E, H, E)))
+                raw = b"".join(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() for t in parts.values())
+                nbytes[key, m].append(len(coder.encode(raw)))
+    return Costs(error, nbytes)
+
+
+def index_bytes(codec: CalibratedCodec, keys: list, kinds: int) -> int:
+    """An upper bound on index.json for the records of `keys` in `kinds` distinct kinds: one journal entry each,
+    one layout per kind, the header and the codec's meta (with a budget's of its own)."""
+    fmt = QFormat("ternary", zeros=ZEROS[-1])
+    kind = codec.kind((fmt, fmt))
+    entry = json.dumps([99999, 99999, kind.name, checksum(b""), 2**50, 2**40, "lzma"])
+    layout = json.dumps({kind.name: kind.storage.to_json()})
+    return len(keys) * (len(entry) + 2) + kinds * (len(layout) + 2) + len(json.dumps(codec.meta(keys))) + HEADER_BYTES
+
+
+def target_bytes(budget: BitsBudget, source: CheckpointSource, codec: CalibratedCodec, kinds: int) -> int:
+    """The records' bytes the budget allows: its bits over every expert parameter, less the index and, for
+    records long enough to be aligned, the worst padding before each."""
+    n = len(source.keys())
+    params = n * sum(math.prod(s.shape) for s in source.layout.specs)
+    padding = ALIGN if budget.bits * params / n / 8 >= ALIGN_MIN else 0
+    return int(budget.bits * params / 8) - n * padding - index_bytes(codec, source.keys(), kinds)
+
+
+def choose(costs: Costs, budget: BitsBudget, source: CheckpointSource, codec: CalibratedCodec) -> Choice:
+    """The allocation within the budget, the index sized for as many record kinds as the choice has (at first
+    one per record, then the count the previous choice used, while that fits)."""
+    keys = [tuple(k) for k in source.keys()]
+    kinds, choice = len(keys), None
+    while True:
+        picked = allocate(costs, target_bytes(budget, source, codec, kinds))
+        found = {k: tuple(ZEROS[picked[k, m]] for m in MATRICES) for k in keys}
+        used = len(set(found.values()))
+        if used > kinds:
+            return choice
+        choice = found
+        if used == kinds:
+            return choice
+        kinds = used
+
+
+def budget_codec(codec: CalibratedCodec, budget: BitsBudget, source: CheckpointSource, store_dir: Path,
+                 tag: dict) -> BudgetCodec:
+    """`codec` at the budget's zeros per matrix: read from the store's cache, else measured and cached."""
+    cache = Path(store_dir) / CACHE
+    tag = {**tag, "fingerprint": source.fingerprint(), "budget": budget.bits, "zeros": list(ZEROS),
+           "min_tokens": codec.min_tokens}
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        if saved.get("tag") == tag:
+            choice = {tuple(int(i) for i in k.split(".")): tuple(v) for k, v in saved["zeros"].items()}
+            return BudgetCodec(codec, budget, choice)
+    choice = choose(measure(codec, source), budget, source, codec)
+    Path(store_dir).mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(CACHE + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps({"tag": tag, "zeros": {f"{k[0]}.{k[1]}": list(v) for k, v in choice.items()}}))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, cache)
+    return BudgetCodec(codec, budget, choice)
