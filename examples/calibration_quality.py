@@ -17,6 +17,7 @@ import argparse
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,19 +41,45 @@ def quality(model: OffloadedModel, ids: torch.Tensor, window: int, ref: list[int
     return {"ppl": ppl, "agree": agree, "first": first, "tokens": tokens}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(doc: str, formats: str) -> argparse.ArgumentParser:
+    """The options these quality scripts share (add more before parse_args)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("model_dir", nargs="?", type=Path, default=DEMO)
     ap.add_argument("--calibration", type=Path, default=DEMO / "calibration.txt")
-    ap.add_argument("--formats", default=FORMATS)
+    ap.add_argument("--formats", default=formats)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--work-dir", type=Path)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    hf, arch, source, top_k = open_checkpoint(args.model_dir, torch.bfloat16)
-    total = len(source.keys())
-    params = sum(math.prod(s.shape) for s in source.layout.specs)
-    window = int(hf.get_text_config().max_position_embeddings)
+    return ap
+
+
+@dataclass
+class Subject:
+    """The model under test: its checkpoint, expert count and parameters per expert, context window."""
+    arch: object
+    source: object
+    top_k: int
+    total: int
+    params: int
+    window: int
+
+    @classmethod
+    def open(cls, model_dir: Path) -> "Subject":
+        torch.set_num_threads(1)
+        hf, arch, source, top_k = open_checkpoint(model_dir, torch.bfloat16)
+        return cls(arch, source, top_k, len(source.keys()), sum(math.prod(s.shape) for s in source.layout.specs),
+                   int(hf.get_text_config().max_position_embeddings))
+
+    def reference(self, model_dir: Path, tokens: int) -> tuple[torch.Tensor, dict]:
+        """(held-out ids, bf16 quality on them): what every row is measured against."""
+        with OffloadedModel.from_pretrained(model_dir, cache_experts=self.total) as ref_model:
+            ids = heldout_ids(ref_model.tokenizer, model_dir / "heldout.txt", TEXT_TOKENS)
+            return ids, quality(ref_model, ids, self.window, None, tokens)
+
+
+def main() -> None:
+    args = arguments(__doc__, FORMATS).parse_args()
+    subject = Subject.open(args.model_dir)
+    source, top_k, total, params, window = subject.source, subject.top_k, subject.total, subject.params, subject.window
 
     t0 = time.perf_counter()
     stats = calibrate.collect(source, args.calibration, torch.bfloat16, progress=False)
@@ -62,9 +89,7 @@ def main() -> None:
     print(f"calibration pass: {n_tokens} tokens in {pass_s:.1f} s = {n_tokens / pass_s:.0f} tokens/s; "
           f"experts below {calibrate.MIN_TOKENS} tokens: {low} of {total}")
 
-    with OffloadedModel.from_pretrained(args.model_dir, cache_experts=total) as ref_model:
-        ids = heldout_ids(ref_model.tokenizer, args.model_dir / "heldout.txt", TEXT_TOKENS)
-        ref = quality(ref_model, ids, window, None, args.tokens)
+    ids, ref = subject.reference(args.model_dir, args.tokens)
     rows = [("bf16", "-", ref, None, 16.0)]
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)

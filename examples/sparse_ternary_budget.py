@@ -12,15 +12,13 @@ files. Prints a Markdown table.
 """
 from __future__ import annotations
 
-import argparse
-import math
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from offload.bench.formats import TEXT_TOKENS, heldout_ids, store_size
+from offload.bench.formats import store_size
 from offload.config import OffloadConfig
 from offload.formats.budget import ZEROS, BitsBudget
 from offload.formats.record import MATRICES
@@ -28,30 +26,19 @@ from offload.model import OffloadedModel
 from offload.store import calibrate
 from offload.store.allocation import BudgetCodec, choose, measure
 from offload.store.convert import codec_for, open_or_convert, store_settings
-from offload.store.source import open_checkpoint
 
-from calibration_quality import DEMO, quality
+from calibration_quality import Subject, arguments, quality
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model_dir", nargs="?", type=Path, default=DEMO)
-    ap.add_argument("--calibration", type=Path, default=DEMO / "calibration.txt")
+    ap = arguments(__doc__, "ternary-z70,ternary-z80,ternary-z90,int2-g32")
     ap.add_argument("--budgets", default="1.0,0.8,0.6")
-    ap.add_argument("--formats", default="ternary-z70,ternary-z80,ternary-z90,int2-g32")
-    ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--work-dir", type=Path)
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    hf, arch, source, _ = open_checkpoint(args.model_dir, torch.bfloat16)
-    total = len(source.keys())
-    params = sum(math.prod(s.shape) for s in source.layout.specs)
-    window = int(hf.get_text_config().max_position_embeddings)
+    subject = Subject.open(args.model_dir)
+    arch, source, total, params, window = subject.arch, subject.source, subject.total, subject.params, subject.window
     stats = calibrate.collect(source, args.calibration, torch.bfloat16, progress=False)
 
-    with OffloadedModel.from_pretrained(args.model_dir, cache_experts=total) as ref_model:
-        ids = heldout_ids(ref_model.tokenizer, args.model_dir / "heldout.txt", TEXT_TOKENS)
-        ref = quality(ref_model, ids, window, None, args.tokens)
+    ids, ref = subject.reference(args.model_dir, args.tokens)
     rows = [("bf16", ref, 16.0, "-", None)]
     budgets = [f"ternary-b{b}" for b in args.budgets.split(",") if b]
     costs = None

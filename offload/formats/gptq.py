@@ -110,9 +110,12 @@ class SparseTernaryGrid(TernaryGrid):
         n = round(self.keep * (j + m) / self.K) - round(self.keep * j / self.K)
         s = self.scale[:, None]
         gain = (2 * cols[:, :m].abs() - s) * s / self.d2[j:j + m]           # [N, m]
-        self.mask = torch.zeros(gain.shape, dtype=torch.bool)
-        self.mask.scatter_(1, gain.topk(n, dim=1).indices, True)
-        self.j0 = j
+        self.mask, self.j0 = self._keep(gain, n), j
+
+    def _keep(self, gain: torch.Tensor, n: int) -> torch.Tensor:
+        """The block's support: each row's n highest gains."""
+        mask = torch.zeros(gain.shape, dtype=torch.bool)
+        return mask.scatter_(1, gain.topk(n, dim=1).indices, True)
 
     def round(self, j: int, w: torch.Tensor) -> torch.Tensor:
         t = torch.where(w >= 0, 1.0, -1.0) * self.mask[:, j - self.j0]     # kept entries are never 0
@@ -125,16 +128,10 @@ class MatrixSupportGrid(SparseTernaryGrid):
     drops in one summed output error, so rows that matter more keep more. The matrix has exactly
     N * round((1 - zeros) * K) nonzeros, its rows not each their share."""
 
-    def begin(self, j: int, cols: torch.Tensor) -> None:
-        if j % MASK_BLOCK:
-            return
-        m = min(MASK_BLOCK, cols.shape[1])
-        n = round(self.keep * (j + m) / self.K) - round(self.keep * j / self.K)
-        s = self.scale[:, None]
-        gain = (2 * cols[:, :m].abs() - s) * s / self.d2[j:j + m]
-        self.mask = torch.zeros(gain.numel(), dtype=torch.bool)
-        self.mask[gain.flatten().topk(n * len(gain)).indices] = True
-        self.mask, self.j0 = self.mask.view(gain.shape), j
+    def _keep(self, gain: torch.Tensor, n: int) -> torch.Tensor:
+        mask = torch.zeros(gain.numel(), dtype=torch.bool)
+        mask[gain.flatten().topk(n * len(gain)).indices] = True
+        return mask.view(gain.shape)
 
 
 class FixedSupportGrid(SparseTernaryGrid):
