@@ -10,7 +10,7 @@ Each round converts the checkpoint's experts once per format and per tree (`offl
 into a fresh temporary store, progress off, `torch.set_num_threads(1)`), each conversion in its own
 subprocess whose PYTHONPATH is that tree (the baseline is `git archive REV`), alternating the trees' order
 so drift hits both. MB/s are of checkpoint expert bytes (bf16), medians over rounds. "same bytes" compares
-the data files with the baseline's: a `-search` format against the baseline's plain one (the same search only for
+the data files with the baseline's: a `-search` or `-minmax` format against the baseline's plain one (the same search only for
 baselines from before clip="fast", such as 731978a).
 MB/s are per CPU-second of the converting process (`time.process_time`: on a shared, oversubscribed VM the
 wall clock mostly measures waiting for a core), wall-clock MB/s beside them. Stages are timed (CPU seconds)
@@ -109,14 +109,19 @@ def run_worker(tree: Path, model_dir: Path, fmt: str, out: Path) -> dict | None:
     return json.loads(proc.stdout.splitlines()[-1])
 
 
+def plain(fmt: str) -> str:
+    """The format without its clip suffix: what a `-search` or `-minmax` row is compared against."""
+    return fmt.removesuffix("-search").removesuffix("-minmax")
+
+
 def compare(model_dir: Path, baseline: Path, repeats: int, tmp: Path, formats: list[str]) -> None:
     trees = {"before": baseline, "after": ROOT}
     results: dict = {}
     for r in range(repeats):
         for fmt in list(formats):
             for name in (trees if r % 2 == 0 else reversed(list(trees))):
-                if name == "before" and fmt.endswith("-search"):
-                    continue  # the baseline's plain format is its (only) search
+                if name == "before" and plain(fmt) != fmt:
+                    continue  # measured against the baseline's plain format
                 out = tmp / f"{r}-{name}-{fmt}"
                 got = run_worker(trees[name], model_dir, fmt, out)
                 subprocess.run(["rm", "-rf", str(out)], check=True)
@@ -137,7 +142,7 @@ def print_table(model_dir: Path, results: dict, formats: list[str], rounds: int)
     print("|---|---:|---:|---:|---|" + "---:|" * len(STAGES))
     for fmt in formats:
         after = results["after", fmt]
-        base = results["before", fmt.removesuffix("-search")]
+        base = results["before", plain(fmt)]
         cpu = [nbytes / 1e6 / statistics.median(x["cpu"] for x in rs) for rs in (base, after)]
         wall = [nbytes / 1e6 / statistics.median(x["seconds"] for x in rs) for rs in (base, after)]
         same = "yes" if base[0]["digest"] == after[0]["digest"] else "no"

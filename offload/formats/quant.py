@@ -42,7 +42,8 @@ class QFormat:
     kind: str            # one of KINDS
     group_size: int = 0  # int4/int3/int2: 32, 64, 128 (0 = adaptive, resolve per matrix); others: 0
     zeros: int = 0       # ternary: percent of each row's codes that are zero, 1..99 (0 = the error optimum)
-    clip: str = "fast"   # int4/int3/int2 clip search: "fast" (2-3 candidate ranges) or "search" (all of them)
+    clip: str = "fast"   # int4/int3/int2 clip search: "fast" (2-4 candidate ranges), "search" (all of them) or
+                         # "minmax" (none: each group's [min, max], the fastest conversion)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -96,20 +97,21 @@ class QFormat:
 
 def parse_format(text: str) -> QFormat:
     """'bf16', 'fp32', 'int8', 'ternary', 'ternary-z80', 'int4' (= int4-g128), 'int4-g64', 'int3-adaptive', ...;
-    int4/int3/int2 may end in '-search' (every clip candidate, `groupwise.SHRINKS`) instead of the fast default."""
-    m = re.fullmatch(r"(bf16|fp32|int8|int4|int3|int2|ternary)(?:-(?:g(\d+)|(adaptive)|z([1-9]\d?)))?(-search)?",
+    int4/int3/int2 may end in '-search' (every clip candidate, `groupwise.SHRINKS`) or '-minmax' (none) instead
+    of the fast default."""
+    m = re.fullmatch(r"(bf16|fp32|int8|int4|int3|int2|ternary)(?:-(?:g(\d+)|(adaptive)|z([1-9]\d?)))?(-search|-minmax)?",
                      text.strip().lower())
     if m is None:
         raise FormatError(f"unknown weight format {text!r}: expected bf16, fp32, int8, ternary (or ternary-z80: 80% "
                           f"zeros), or int4/int3/int2 optionally followed by -g32, -g64, -g128 or -adaptive (e.g. "
-                          f"'int4-g64'), then optionally -search (e.g. 'int4-g64-search')")
+                          f"'int4-g64'), then optionally -search or -minmax (e.g. 'int4-g64-search')")
     kind, group, adaptive, zeros, search = m.groups()
     if (group or adaptive or search) and kind not in GROUPED:
-        raise FormatError(f"{text!r}: {kind} takes no group size or clip search; -gN, -adaptive and -search apply "
+        raise FormatError(f"{text!r}: {kind} takes no group size or clip search; -gN, -adaptive, -search and -minmax apply "
                           f"to int4/int3/int2 only")
     if zeros:
         return QFormat(kind, zeros=int(zeros))
-    clip = "search" if search else "fast"
+    clip = search[1:] if search else "fast"
     if adaptive:
         return QFormat(kind, 0, clip=clip)
     if kind in GROUPED:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from offload.formats import groupwise
-from offload.formats.quant import GROUP_SIZES, QFormat, dequantize, parse_format, quantize
+from offload.formats.quant import GROUP_SIZES, FormatError, QFormat, dequantize, parse_format, quantize
 
 
 def reference_quantize_groups(w: torch.Tensor, bits: int, G: int, factors=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +81,18 @@ def test_fast_error_is_within_its_bound_of_the_full_search(bits, G):
     plain = dequantize({**fmt.kind_object.pack(minmax[0]), "qsz": minmax[1]}, fmt, w.shape)
     assert errors["search"] <= errors["fast"] <= BOUND[bits] * errors["search"]
     assert errors["fast"] < float((plain - w).norm() / w.norm())  # still better than no search
+    assert errors["minmax"] == float((plain - w).norm() / w.norm())  # -minmax is no search, exactly
+
+
+def test_minmax_is_reachable_by_name_and_codes_each_groups_own_range():
+    fmt = parse_format("int2-g64-minmax")
+    assert fmt == QFormat("int2", 64, clip="minmax") and str(fmt) == "int2-g64-minmax"
+    w = matrices()["outliers"]
+    codes, qsz = reference_quantize_groups(w, 2, 64, (1.0,))
+    parts = quantize(w, fmt)
+    assert torch.equal(parts["qsz"], qsz)
+    with pytest.raises(FormatError, match="-search and -minmax apply to int4/int3/int2 only"):
+        parse_format("int8-minmax")
 
 
 def test_search_is_reachable_by_name_and_is_the_full_search():
