@@ -52,7 +52,6 @@ class BitsBudget:
         return f"ternary-b{self.bits}"
 
 
-
 @dataclass
 class Costs:
     """Per expert matrix and candidate share: calibrated output error and lzma-coded bytes."""
