@@ -331,7 +331,7 @@ def test_qformat_validation_and_shape_errors():
         QFormat("int6")
     with pytest.raises(FormatError, match="int8 takes no group size"):
         QFormat("int8", 64)
-    with pytest.raises(FormatError, match="clip must be one of fast, search, got 'exact'"):
+    with pytest.raises(FormatError, match="clip must be one of fast, search, minmax, got 'exact'"):
         QFormat("int4", 32, clip="exact")
     with pytest.raises(FormatError, match="applies to int4/int3/int2 only, got ternary"):
         QFormat("ternary", clip="search")
