@@ -159,7 +159,8 @@ class OffloadedModel:
         if is_trace(path):
             trace = load_trace(path, e.moe_layers, e.num_experts)
         else:
-            ids = warmup_ids(path, self.tokenizer)[:, : self.config.context or getattr(self.model.config, "max_position_embeddings", None)]
+            ids = warmup_ids(path, self.tokenizer,
+                             self.config.context or getattr(self.model.config, "max_position_embeddings", None))
             own, e.tracer = e.tracer, Tracer(e.moe_layers, e.num_experts, e.top_k)
             try:
                 self(ids)

@@ -11,6 +11,7 @@ import psutil
 import torch
 
 from offload.config import OffloadConfig, cache_slots, format_bytes
+from offload.engine.hot_set import is_trace
 from offload.errors import OffloadError
 from offload.store.source import CheckpointSource
 
@@ -86,8 +87,8 @@ class MemoryPlan:
         size = format_bytes
         disk = f"disk {self.total_experts} records ({size(self.store_bytes)})" if self.store == "disk" else \
             f"checkpoint {self.total_experts} experts (page cache)"
-        hot = "" if not self.hot_set else f" (half pinned: the hot set of {self.hot_set})" if \
-            self.hot_set.endswith(".npz") else f" (half pinned: the hot set of a warm-up on {self.hot_set})"
+        source = "" if not self.hot_set or is_trace(self.hot_set) else "a warm-up on "
+        hot = f" (half pinned: the hot set of {source}{self.hot_set})" if self.hot_set else ""
         if self.in_place:
             return (f"device = RAM tier (CPU, computed in place): {self.capacity} experts "
                     f"({size(self.resident_bytes)}){hot} | {disk}")

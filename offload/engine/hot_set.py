@@ -38,8 +38,8 @@ def load_trace(path: str, moe_layers: list[int], num_experts: int) -> Trace:
     return trace
 
 
-def warmup_ids(path: str, tokenizer) -> torch.Tensor:
-    """The first WARMUP_TOKENS tokens of the text at `path`, as one prompt."""
+def warmup_ids(path: str, tokenizer, limit: int | None = None) -> torch.Tensor:
+    """The first WARMUP_TOKENS tokens (at most `limit`: the context) of the text at `path`, as one prompt."""
     if tokenizer is None:
         raise OffloadError(f"a warm-up text ({path}) needs the checkpoint's tokenizer files; give a routing trace "
                            f"(.npz, offload-bench trace) as hot_set instead")
@@ -48,7 +48,7 @@ def warmup_ids(path: str, tokenizer) -> torch.Tensor:
     except (OSError, UnicodeDecodeError) as e:
         raise OffloadError(f"cannot read warm-up text {path} ({e}); give a UTF-8 text file or a routing trace "
                            f"(.npz) as hot_set") from None
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :WARMUP_TOKENS]
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :min(WARMUP_TOKENS, limit or WARMUP_TOKENS)]
     if ids.shape[1] < 2:
         raise OffloadError(f"warm-up text {path} has {ids.shape[1]} tokens; give a longer text (a few hundred "
                            f"tokens of the expected workload) as hot_set")
