@@ -16,7 +16,6 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 
 from offload.errors import OffloadError
 from offload.formats.quant import QFormat, parse_format, unpack_codes
+from offload.progress import progress_bar
 from offload.store.arch import V5_FUSED
 from offload.store.disk import INDEX, DiskStore
 
@@ -299,7 +299,7 @@ def _write(disk: DiskStore, source, target: ExportFormat, fmt: QFormat, model_di
     (N2, H), (H2, inter) = specs["gate_up"].shape, specs["down"].shape
     buf = torch.empty(disk.record_bytes, dtype=torch.uint8)
     try:
-        with _progress(progress, sum(map(len, others.values())) + len(keys)) as step:
+        with progress_bar("exporting", sum(map(len, others.values())) + len(keys), progress) as step:
             for f, tensor_names in others.items():
                 with safe_open(f, "pt") as st:
                     for name in tensor_names:
@@ -338,25 +338,3 @@ def _expert_regex(arch) -> str:
     """compressed-tensors / gptqmodel style `re:` pattern body over module names matching every expert linear."""
     frags = "|".join(re.escape(r) for r, role in arch.roles.items() if not role.endswith("_bias"))
     return rf".*\.experts\.\d+\.({frags})$"
-
-
-class _progress:
-    """A rich progress bar over tensors and experts, or nothing when progress=False."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled, self.total = enabled, total
-
-    def __enter__(self) -> Callable[[], None]:
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._bar = Progress(TextColumn("exporting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                             transient=True)
-        self._bar.start()
-        task = self._bar.add_task("export", total=self.total)
-        return lambda: self._bar.advance(task)
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self._bar.stop()

@@ -12,6 +12,7 @@ import torch
 from offload.formats.budget import ZEROS, BitsBudget, Costs, Key, allocate
 from offload.formats.quant import QFormat, dequantize
 from offload.formats.record import MATRICES
+from offload.progress import progress_bar
 from offload.store.calibrate import CalibratedCodec
 from offload.store.codec import Lzma
 from offload.store.disk import ALIGN, ALIGN_MIN, checksum
@@ -38,7 +39,7 @@ class BudgetCodec(CalibratedCodec):
                                                  "mean_zeros": round(sum(shares) / len(shares), 2)}}
 
 
-def measure(codec: CalibratedCodec, source: CheckpointSource) -> Costs:
+def measure(codec: CalibratedCodec, source: CheckpointSource, progress: bool = True) -> Costs:
     """Code every expert matrix at every share in ZEROS with `codec` and score it: the output error summed over
     the tokens routed to it (at least codec.min_tokens; the layer's mean H where it saw none), lzma bytes."""
     stats = codec.stats
@@ -49,21 +50,24 @@ def measure(codec: CalibratedCodec, source: CheckpointSource) -> Costs:
     layer_h = {k: torch.stack(v).mean(0) for k, v in layer_h.items()}
     error, nbytes = {}, {}
     coder = Lzma()
-    for key in source.keys():
-        tensors = source.read(key)
-        s = stats.get(tuple(key))
-        weight = max(s["tokens"] if s else 0, codec.min_tokens)
-        for i, m in enumerate(MATRICES):
-            w = (tensors[m].T if codec.transposed else tensors[m]).float()
-            H = s[m] if s else layer_h.get((key[0], m), torch.eye(w.shape[1]))
-            error[key, m], nbytes[key, m] = [], []
-            for z in ZEROS:
-                fmt = QFormat("ternary", zeros=z)
-                parts = codec.quantize_matrix(key, m, w, fmt)
-                E = w - dequantize(parts, fmt, codec.shapes[i])
-                error[key, m].append(weight * float(torch.einsum("nk,kl,nl->", E, H, E)))
-                raw = b"".join(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() for t in parts.values())
-                nbytes[key, m].append(len(coder.encode(raw)))
+    keys = source.keys()
+    with progress_bar(f"measuring {len(ZEROS)} zero shares", len(keys), progress, unit="experts") as bar:
+        for key in keys:
+            tensors = source.read(key)
+            s = stats.get(tuple(key))
+            weight = max(s["tokens"] if s else 0, codec.min_tokens)
+            for i, m in enumerate(MATRICES):
+                w = (tensors[m].T if codec.transposed else tensors[m]).float()
+                H = s[m] if s else layer_h.get((key[0], m), torch.eye(w.shape[1]))
+                error[key, m], nbytes[key, m] = [], []
+                for z in ZEROS:
+                    fmt = QFormat("ternary", zeros=z)
+                    parts = codec.quantize_matrix(key, m, w, fmt)
+                    E = w - dequantize(parts, fmt, codec.shapes[i])
+                    error[key, m].append(weight * float(torch.einsum("nk,kl,nl->", E, H, E)))
+                    raw = b"".join(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() for t in parts.values())
+                    nbytes[key, m].append(len(coder.encode(raw)))
+            bar(1)
     return Costs(error, nbytes)
 
 
@@ -104,7 +108,7 @@ def choose(costs: Costs, budget: BitsBudget, source: CheckpointSource, codec: Ca
 
 
 def budget_codec(codec: CalibratedCodec, budget: BitsBudget, source: CheckpointSource, store_dir: Path,
-                 tag: dict) -> BudgetCodec:
+                 tag: dict, progress: bool = True) -> BudgetCodec:
     """`codec` at the budget's zeros per matrix: read from the store's cache, else measured and cached."""
     cache = Path(store_dir) / CACHE
     tag = {**tag, "fingerprint": source.fingerprint(), "budget": budget.bits, "zeros": list(ZEROS),
@@ -114,7 +118,7 @@ def budget_codec(codec: CalibratedCodec, budget: BitsBudget, source: CheckpointS
         if saved.get("tag") == tag:
             choice = {tuple(int(i) for i in k.split(".")): tuple(v) for k, v in saved["zeros"].items()}
             return BudgetCodec(codec, budget, choice)
-    choice = choose(measure(codec, source), budget, source, codec)
+    choice = choose(measure(codec, source, progress), budget, source, codec)
     Path(store_dir).mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(CACHE + ".tmp")
     with open(tmp, "w") as f:

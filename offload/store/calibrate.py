@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from offload.errors import OffloadError
 from offload.formats.gptq import gptq, supports
 from offload.formats.quant import quantize
 from offload.formats.record import MATRICES, RecordCodec
+from offload.progress import progress_bar
 from offload.store.source import CheckpointSource
 
 MIN_TOKENS = 16   # fewer routed tokens than this: H is too poorly estimated to trust over the weights
@@ -128,7 +128,7 @@ def collect(source: CheckpointSource, text: Path, dtype: torch.dtype, progress: 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
     window = min(WINDOW, int(getattr(model.model.config.get_text_config(), "max_position_embeddings", WINDOW)))
     try:
-        with _progress(progress, len(ids)) as bar:
+        with progress_bar("calibrating", len(ids), progress, unit="tokens") as bar:
             for i in range(0, len(ids), window):
                 model(ids[None, i:i + window])
                 bar(len(ids[i:i + window]))
@@ -151,31 +151,3 @@ def _routed(hidden: torch.Tensor, top_k_index: torch.Tensor | None, E: int):
     for e in top_k_index.unique().tolist():
         if 0 <= e < E:
             yield e, hidden[(top_k_index == e).any(-1)]
-
-
-class _progress:
-    """A rich progress bar in tokens/s for the calibration pass, or nothing when progress=False."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled, self.total = enabled, total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._bar = Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
-                             TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=True)
-        self._bar.start()
-        self._t0, self._done = time.perf_counter(), 0
-        task = self._bar.add_task("calibrate", total=self.total, rate="")
-
-        def advance(n: int) -> None:
-            self._done += n
-            rate = self._done / max(time.perf_counter() - self._t0, 1e-9)
-            self._bar.update(task, advance=n, rate=f"{rate:.0f} tokens/s")
-        return advance
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self._bar.stop()

@@ -16,7 +16,6 @@ import errno
 import json
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from offload.errors import OffloadError
 from offload.store.source import CheckpointSource
 from offload.formats.budget import BitsBudget
 from offload.formats.record import RecordCodec, format_rule
+from offload.progress import progress_bar
 from offload.store.codec import compress, entropy_coder
 from offload.store.disk import (ALIGN, ALIGN_MIN, DATA, INDEX, STORE_VERSION, DiskStore, RamStore, checksum,
                                 read_index)
@@ -138,7 +138,8 @@ def _write(source: CheckpointSource, store_dir: Path, settings: dict, codec: Rec
     buf = torch.zeros(record_bytes, dtype=torch.uint8)
     dense = source.layout.views(torch.empty(source.layout.nbytes, dtype=torch.uint8))  # every expert read into it
     mode = "r+b" if done else "wb"
-    with open(partial, mode) as f, _progress(progress, len(keys) * record_bytes, done * record_bytes) as bar:
+    shown = progress_bar("converting experts", len(keys) * record_bytes, progress, "bytes", done * record_bytes)
+    with open(partial, mode) as f, shown as bar:
         f.truncate(end)
         f.seek(end)
         last_sync = time.monotonic()
@@ -173,28 +174,6 @@ def _write(source: CheckpointSource, store_dir: Path, settings: dict, codec: Rec
     journal_path.unlink()
 
 
-class _progress:
-    """A rich progress bar with MB/s, or nothing when progress=False."""
-
-    def __init__(self, enabled: bool, total: int, completed: int) -> None:
-        self.enabled, self.total, self.completed = enabled, total, completed
-
-    def __enter__(self) -> Callable[[int], None]:
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                   TransferSpeedColumn)
-
-        self._bar = Progress(TextColumn("converting experts"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                             TimeRemainingColumn(), transient=True)
-        self._bar.start()
-        task = self._bar.add_task("convert", total=self.total, completed=self.completed)
-        return lambda n: self._bar.advance(task, n)
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self._bar.stop()
-
 
 def codec_for(cfg, source: CheckpointSource, arch) -> RecordCodec | None:
     """The record codec for cfg.bits (None: dense records in the model dtype)."""
@@ -217,7 +196,7 @@ def open_store(cfg, source: CheckpointSource, codec: RecordCodec | None, progres
             if (budget := BitsBudget.of(cfg.bits)) is not None:
                 from offload.store.allocation import budget_codec
 
-                codec = budget_codec(codec, budget, source, Path(cfg.store_dir), settings["calibration"])
+                codec = budget_codec(codec, budget, source, Path(cfg.store_dir), settings["calibration"], progress)
     return open_or_convert(source, Path(cfg.store_dir), settings, codec, progress=progress, verify=cfg.verify,
                            direct=cfg.direct_io)
 
