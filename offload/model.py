@@ -28,7 +28,7 @@ from offload.engine.step import Engine
 from offload.engine.costs import measure_costs
 from offload.engine.miss import miss_policy
 from offload.engine.ram_tier import RamTier
-from offload.formats.record import RecordCodec
+from offload.formats.record import RecordCodec, matrix_shapes
 from offload.errors import OffloadError
 from offload.engine.experts import offloaded_class
 from offload.engine.hooks import hook_attention_outputs, hook_layer_entries
@@ -124,8 +124,7 @@ class OffloadedModel:
         cache = ExpertCache(capacity, make_cache_policy(cfg.policy, capacity, moe_layers, top_k))
         miss = None
         if ram is not None:
-            shapes = [(s.shape[1], s.shape[0]) if arch.transposed else tuple(s.shape)
-                      for s in source.layout.specs if s.name in ("gate_up", "down")]
+            shapes = matrix_shapes(source.layout, arch.transposed)
             costs = measure_costs(store, ram, codec, host_codec, device, shapes) if cfg.miss == "auto" else None
             miss = miss_policy(cfg.miss, costs, cache.stats)
         engine = Engine(store, cache, slots, num_experts, top_k, moe_layers,

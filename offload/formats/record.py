@@ -110,18 +110,20 @@ class RecordKind:
         return qlinear(x, w[name], self.formats[i], self.shapes[i])
 
 
+def matrix_shapes(dense: ExpertLayout, transposed: bool) -> tuple[tuple[int, int], ...]:
+    """[N, K] (out, in features) of each of MATRICES, whichever way the checkpoint stores them."""
+    specs = {s.name: s for s in dense.specs}
+    return tuple(tuple(specs[m].shape[::-1] if transposed else specs[m].shape) for m in MATRICES)
+
+
 class RecordCodec:
     def __init__(self, dense: ExpertLayout, rule: Callable[[int, int], QFormat | None], transposed: bool,
                  device: torch.device) -> None:
         self.dense, self.rule, self.transposed, self.device = dense, rule, transposed, torch.device(device)
-        specs = {s.name: s for s in dense.specs}
-        self.shapes = tuple(self._nk(specs[m].shape) for m in MATRICES)
+        self.shapes = matrix_shapes(dense, transposed)
         self.biases = tuple(s for s in dense.specs if s.name not in MATRICES)
         self._kinds: dict[str, RecordKind] = {}
         self._views: dict[tuple[int, str], dict] = {}
-
-    def _nk(self, shape) -> tuple[int, int]:
-        return (shape[1], shape[0]) if self.transposed else (shape[0], shape[1])
 
     def kind(self, formats: tuple[QFormat, QFormat]) -> RecordKind:
         k = RecordKind(formats, self.shapes, self.biases, self.device.type)

@@ -212,21 +212,26 @@ def low_bit_codec(cfg, source: CheckpointSource, arch) -> RecordCodec:
 def open_low_bit_store(cfg, source: CheckpointSource, codec: RecordCodec, progress: bool = True) -> DiskStore:
     """The low-bit copy of every expert (HOBBIT): a store of its own in store_dir, converted from the same
     checkpoint (weights alone) by `codec`, checksummed and resumable like the main one."""
-    settings = {"dtype": str(cfg.dtype).removeprefix("torch."), "format": json.dumps(cfg.low_bit_miss)}
+    settings = settings_for(cfg.dtype, cfg.low_bit_miss)
     return open_or_convert(source, Path(cfg.store_dir) / LOW_BIT_DIR.format(cfg.low_bit_miss), settings, codec,
                            progress=progress, verify=cfg.verify, direct=cfg.direct_io)
 
 
 def store_settings(cfg, codec: RecordCodec | None) -> dict:
     """What a store made for an OffloadConfig records (and must match to be reused)."""
-    fmt = "dense" if codec is None else ("custom" if callable(cfg.bits) else json.dumps(cfg.bits, sort_keys=True))
-    settings = {"dtype": str(cfg.dtype).removeprefix("torch."), "format": fmt}
-    if cfg.calibration:
+    return settings_for(cfg.dtype, None if codec is None else cfg.bits, cfg.calibration, cfg.entropy_coder)
+
+
+def settings_for(dtype, bits, calibration=None, entropy_coder: str = "lzma") -> dict:
+    """A store's settings: checkpoint dtype, format (None: dense records), calibration text, entropy coder."""
+    fmt = "dense" if bits is None else ("custom" if callable(bits) else json.dumps(bits, sort_keys=True))
+    settings = {"dtype": str(dtype).removeprefix("torch."), "format": fmt}
+    if calibration:
         from offload.store.calibrate import settings_of
 
-        settings["calibration"] = settings_of(cfg.calibration)
-    if cfg.entropy_coder != "lzma":  # only where it differs: stores made before the choice existed stay valid
-        settings["entropy_coder"] = cfg.entropy_coder
+        settings["calibration"] = settings_of(calibration)
+    if entropy_coder != "lzma":  # only where it differs: stores made before the choice existed stay valid
+        settings["entropy_coder"] = entropy_coder
     return settings
 
 
