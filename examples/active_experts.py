@@ -1,7 +1,7 @@
-"""LExI on the demo model: per-layer k, perplexity, greedy agreement, hit rate and decode speed per FRACTION,
-side by side in one process (see docs/formats.md, "Per-layer active experts (LExI)").
+"""LExI on a model (default: the demo): per-layer k, perplexity, greedy agreement, hit rate and decode speed
+per FRACTION, side by side in one process (see docs/formats.md, "Per-layer active experts (LExI)").
 
-  PYTHONPATH=. python examples/active_experts.py [--fractions 1,0.875,0.75,0.5] [--rounds 5] [--json FILE]
+  PYTHONPATH=. python examples/active_experts.py [MODEL_DIR] [--fractions 1,0.875,0.75,0.5] [--rounds 5] [--json FILE]
   PYTHONPATH=. python examples/active_experts.py --every-allocation 0.75
 
   PYTHONPATH=. python examples/active_experts.py --prefetch --fractions 1,0.75
@@ -10,7 +10,7 @@ side by side in one process (see docs/formats.md, "Per-layer active experts (LEx
 --prefetch: hits, misses and prefetch counts over 48 greedy tokens with the gate predictor (lookahead 0).
 
 Every fraction is loaded at once with cache_experts="25%" and store="ram" (no predictor). Quality: perplexity
-on the first 2048 tokens of offload/demo_model/heldout.txt (offload.bench.formats.perplexity, window 512), greedy
+on the first 2048 tokens of MODEL_DIR/heldout.txt (offload.bench.formats.perplexity, window 512), greedy
 agreement with FRACTION=1 over 64 new tokens from 8 prompts of that text. Speed: decode-only tok/s and hit rate
 over 32 new tokens (offload.bench.common.measure_decode, cache warm from the previous run), the fractions
 measured alternately, --rounds times, medians.
@@ -21,6 +21,7 @@ import argparse
 import itertools
 import json
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -33,6 +34,7 @@ from offload.engine.active_experts import ActiveExperts
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model_dir", nargs="?", type=Path, default=DEMO_MODEL)
     ap.add_argument("--fractions", default="1,0.875,0.75,0.5")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", default=None)
@@ -41,14 +43,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.prefetch:
-        return prefetch([float(f) for f in args.fractions.split(",")])
+        return prefetch(args.model_dir, [float(f) for f in args.fractions.split(",")])
     if args.every_allocation is not None:
-        return every_allocation(args.every_allocation)
+        return every_allocation(args.model_dir, args.every_allocation)
     fractions = [float(f) for f in args.fractions.split(",")]
-    models = {f: OffloadedModel.from_pretrained(DEMO_MODEL, cache_experts="25%", store="ram", active_experts=f)
+    models = {f: OffloadedModel.from_pretrained(args.model_dir, cache_experts="25%", store="ram", active_experts=f)
               for f in fractions}
     first = models[fractions[0]]
-    ids = heldout_ids(first.tokenizer, DEMO_MODEL / "heldout.txt", 2048)
+    ids = heldout_ids(first.tokenizer, args.model_dir / "heldout.txt", 2048)
     prompts = [ids[:, i * 256:i * 256 + 32] for i in range(8)]
     rows = {}
     with torch.inference_mode():
@@ -83,11 +85,11 @@ def main() -> None:
             json.dump({str(f): r for f, r in rows.items()}, fh, indent=1, default=str)
 
 
-def every_allocation(fraction: float) -> None:
+def every_allocation(model_dir: Path, fraction: float) -> None:
     """Perplexity of each per-layer k spending `fraction`'s budget, LExI's own choice marked."""
-    with OffloadedModel.from_pretrained(DEMO_MODEL, cache_experts="100%", active_experts=fraction) as m:
+    with OffloadedModel.from_pretrained(model_dir, cache_experts="100%", active_experts=fraction) as m:
         chosen, top_k = m.engine.active, m.engine.top_k
-        ids = heldout_ids(m.tokenizer, DEMO_MODEL / "heldout.txt", 2048)
+        ids = heldout_ids(m.tokenizer, model_dir / "heldout.txt", 2048)
         layers = sorted(chosen.k)
         with torch.inference_mode():
             m.engine.active = None
@@ -102,13 +104,13 @@ def every_allocation(fraction: float) -> None:
                 print(f"| {' '.join(map(str, ks))}{mark} | {ppl:.3f} | {100 * (ppl / base - 1):+.1f}% |")
 
 
-def prefetch(fractions: list[float]) -> None:
+def prefetch(model_dir: Path, fractions: list[float]) -> None:
     """What a trimmed layer does to prefetching: gate d=0 at 25% cache, 48 greedy tokens per fraction."""
     print("| FRACTION | hits | misses | prefetch issued | useful | suppressed | precision |\n|---|---|---|---|---|---|---|")
     for f in fractions:
-        with OffloadedModel.from_pretrained(DEMO_MODEL, cache_experts="25%", active_experts=f, predictor="gate",
+        with OffloadedModel.from_pretrained(model_dir, cache_experts="25%", active_experts=f, predictor="gate",
                                             lookahead=0) as m:
-            ids = heldout_ids(m.tokenizer, DEMO_MODEL / "heldout.txt", 64)[:, :32]
+            ids = heldout_ids(m.tokenizer, model_dir / "heldout.txt", 64)[:, :32]
             greedy(m, ids, 48)
             s = m.stats()
             print(f"| {f:g} | {s['hits']} | {s['misses']} | {s['prefetch_issued']} | {s['prefetch_useful']} | "

