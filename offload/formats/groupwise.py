@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from offload.formats import compiled
+
 # Clipping search (weights only, no calibration): shrink each group's [min, max] around its midpoint by
 # these factors and keep the one with the least squared error. Gaussian 1024x3584, relative error
 # min/max -> searched: int4-g128 0.100 -> 0.095, int3-g128 0.214 -> 0.184, int2-g128 0.501 -> 0.345.
@@ -54,28 +56,65 @@ def _errors(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, top: int, 
     return err
 
 
+def _search(g: torch.Tensor, halves: torch.Tensor, top: torch.Tensor, mid: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block g [n, K/G, G] -> (codes uint8 [n, K/G, G], (scale, zero) bf16 [n, K/G, 2]): the eager loop's
+    search and codes in one function for torch.compile, which fuses them into a pass or two over the block.
+    The clip factors and the code range are tensors, so formats share compiled code (one build per shape)."""
+    g = g.float()
+    hi, lo = g.amax(-1, keepdim=True), g.amin(-1, keepdim=True)
+    best, least = halves[0].expand_as(hi), None
+    for i in range(halves.shape[0] if halves.shape[0] > 1 else 0):
+        scale, zero = _grid(hi, lo, halves[i], top, mid)
+        q = ((g - zero) / scale).round().clamp(-mid, top - mid)
+        err = (q * scale + zero - g).square().sum(-1, keepdim=True)
+        if least is None:
+            least = err
+        else:  # the first candidate of least error wins
+            best, least = torch.where(err < least, halves[i], best), torch.minimum(err, least)
+    scale, zero = _grid(hi, lo, best, top, mid)
+    codes = ((g - zero) / scale).round().add(mid).clamp(torch.zeros_like(top), top).to(torch.uint8)
+    return codes, torch.cat([scale, zero], -1).bfloat16()
+
+
+def _block_rows(N: int, K: int) -> int:
+    """Rows per block: BLOCK // K, lowered to a divisor of N where one is within 2x (a single compiled shape)."""
+    rows = max(1, min(N, BLOCK // K))
+    return next((d for d in range(rows, rows // 2, -1) if N % d == 0), rows)
+
+
 def quantize_groups(w: torch.Tensor, bits: int, G: int, factors: tuple[float, ...] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] (any float dtype, any strides) -> (codes uint8 [N, K] in 0..2^bits-1, qsz bf16 [K/G, N, 2] =
     (scale, zero) per group), trying the clip `factors` (default: every one in SHRINKS).
 
-    Codes are computed against the bf16-rounded scale and zero, i.e. against what is stored. Rows are
-    converted to fp32 a block at a time into one reused buffer (no fp32 copy of the matrix, nor its page
-    faults); every candidate range is tried on a few rows at a time (`_errors`); the first candidate with
-    the least error wins, and the codes are computed once, for the winner. The grids and the choice are
-    small per-group tensors: computed once per block, their per-operation overhead is paid rarely."""
+    Codes are computed against the bf16-rounded scale and zero, i.e. against what is stored; the first candidate
+    with the least error wins. A block of rows at a time: on a large CPU matrix by the compiled `_search`;
+    otherwise (and for a last, shorter block) by the eager loop, which converts rows to fp32 into one reused
+    buffer and tries every candidate range on a few rows at a time (`_errors`). Both give the same bytes."""
     N, K = w.shape
     top, mid = (1 << bits) - 1, 1 << (bits - 1)
     halves = [s / 2 for s in (factors or SHRINKS[bits])]
     S = len(halves)
-    stacked = torch.tensor(halves, device=w.device).view(-1, 1, 1, 1)          # [S, 1, 1, 1]
     codes = torch.empty(N, K, dtype=torch.uint8, device=w.device)
     sz = torch.empty(N, K // G, 2, dtype=torch.bfloat16, device=w.device)
-    rows = max(1, BLOCK // K)
-    R = min(rows, N)
+    rows = _block_rows(N, K)
+    search = compiled.for_matrix(_search, w)
+    if search is not None:
+        args = (torch.tensor(halves), torch.tensor(float(top)), torch.tensor(float(mid)))
+        with compiled.recompiles():
+            for r in range(0, N - N % rows, rows):
+                c, s = search(w[r:r + rows].reshape(rows, K // G, G), *args)
+                codes[r:r + rows].view(c.shape).copy_(c)
+                sz[r:r + rows] = s
+        done = N - N % rows
+    else:
+        done = 0
+    stacked = torch.tensor(halves, device=w.device).view(-1, 1, 1, 1)          # [S, 1, 1, 1]
+    R = min(rows, N - done)
     searched = S * max(1, CHUNK // (S * K))  # rows x candidates of one pass of `_errors`
     x, c = torch.empty(R * K, device=w.device), torch.empty(max(R, searched) * K, device=w.device)
-    for r in range(0, N, rows):
+    for r in range(done, N, rows):
         n = min(rows, N - r)
         g = x[:n * K].view(n, K).copy_(w[r:r + n]).view(n, K // G, G)           # [n, K/G, G]
         hi, lo = g.amax(-1, keepdim=True), g.amin(-1, keepdim=True)

@@ -21,6 +21,8 @@ import sys
 
 import torch
 
+from offload.formats import compiled
+
 # name -> (BLOCK_N, full blocks interleave rows j and j + BLOCK_N/2)
 LAYOUTS: dict[str, tuple[int, bool]] = {"avx512": (64, True), "avx2": (32, True),
                                         "scalar32": (32, False), "scalar16": (16, False)}
@@ -38,17 +40,32 @@ def _blocks(N: int, layout: str) -> tuple[int, int, bool]:
     return N // block * block, block, half
 
 
+def _block_pairs(codes: torch.Tensor, block: int, half: bool) -> torch.Tensor:
+    """Codes of whole blocks [n, K] -> [n/block, lo/hi, block/2, K]: the rows that share a byte, side by side."""
+    n, K = codes.shape
+    return codes.view(n // block, 2, block // 2, K) if half else \
+        codes.view(n // block, block // 2, 2, K).transpose(1, 2)
+
+
+def _pack_blocks(c: torch.Tensor) -> torch.Tensor:
+    """[B, lo/hi, h, K] -> the blocks' kernel bytes [B, K, h] (k-major within a block)."""
+    return (c[:, 0] | c[:, 1] << 4).transpose(1, 2).contiguous()
+
+
 def pack_int4(codes: torch.Tensor, layout: str = CANONICAL) -> torch.Tensor:
     """Codes [N, K] 0..15 -> uint8 [N, K/2] exactly as `_convert_weight_to_int4pack_for_cpu` packs on `layout`."""
     N, K = codes.shape
     full, block, half = _blocks(N, layout)
+    fused = compiled.for_matrix(_pack_blocks, codes) if full == N else None
+    if fused is not None:
+        with compiled.recompiles():
+            return fused(_block_pairs(codes, block, half)).view(N, K // 2)
     out = torch.empty(N * K // 2, dtype=torch.uint8, device=codes.device)
     step = max(1, PACK_CHUNK // (block * K)) * block  # rows per step: temporaries stay small (no page faults)
     for r in range(0, full, step):
         n = min(step, full - r)
-        c = codes[r:r + n].view(n // block, 2, block // 2, K) if half else \
-            codes[r:r + n].view(n // block, block // 2, 2, K).transpose(1, 2)        # [B, lo/hi, h, K]
-        out[r * K // 2:(r + n) * K // 2].view(n // block, K, block // 2).copy_((c[:, 0] | c[:, 1] << 4).transpose(1, 2))
+        out[r * K // 2:(r + n) * K // 2].view(n // block, K, block // 2).copy_(
+            _pack_blocks(_block_pairs(codes[r:r + n], block, half)))
     if N > full:  # tail block: pairs of adjacent rows
         t = codes[full:].view((N - full) // 2, 2, K)
         out[full * K // 2:].view(K, (N - full) // 2).copy_((t[:, 0] | t[:, 1] << 4).t())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offload.formats import groupwise
+from offload.formats import compiled, groupwise
 from offload.formats.quant import GROUP_SIZES, FormatError, QFormat, dequantize, parse_format, quantize
 
 
@@ -51,6 +51,21 @@ def test_codes_and_scales_equal_the_reference(bits, G, name, monkeypatch):
         monkeypatch.setattr(groupwise, "CHUNK", chunk)
         got = groupwise.quantize_groups(w, bits, G)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.skipif(not compiled.builds(), reason="inductor cannot build here (no C++ compiler)")
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_the_compiled_search_gives_the_reference_bytes(bits, monkeypatch):
+    monkeypatch.setattr(compiled, "MIN_WEIGHTS", 0)  # every matrix takes the compiled search
+    w = matrices()["outliers"][:94]                 # zeros, a constant group, an outlier feature
+    factors = groupwise.shrinks(bits, 32, "fast")
+    want = reference_quantize_groups(w, bits, 32, factors)
+    for block in (groupwise.BLOCK, 7 * 384):        # one block; 13 compiled blocks of 7 rows, 3 eager rows
+        monkeypatch.setattr(groupwise, "BLOCK", block)
+        for x in (w, w.t().contiguous().t(), w.bfloat16()):  # any strides, a checkpoint's dtype
+            got = groupwise.quantize_groups(x, bits, 32, factors)
+            ref = want if x.dtype == w.dtype else reference_quantize_groups(x, bits, 32, factors)
+            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 
 @pytest.mark.parametrize("bits", [4, 3, 2])

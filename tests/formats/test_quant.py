@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from offload.formats import kinds, packing, quant
+from offload.formats import compiled, kinds, packing, quant
 from offload.errors import OffloadError
 from offload.formats.groupwise import quantize_groups, shrinks
 from offload.formats.quant import FormatError, QFormat, parse_format
@@ -65,6 +65,16 @@ def test_pack_int4_in_steps_and_word_packers_equal_the_stream_packers(N, K, monk
         stream, kernel = packing.kernel_order(c), packing.pack_int4(c).view(-1)
         assert torch.equal(packing.pack_low2(kernel), packing.pack_bits(stream & 3, 2))
         assert torch.equal(packing.pack_bit2(kernel), packing.pack_bits((stream >> 2) & 1, 1))
+
+
+@pytest.mark.skipif(not compiled.builds(), reason="inductor cannot build here (no C++ compiler)")
+def test_compiled_pack_int4_matches_torch_packing(monkeypatch):
+    monkeypatch.setattr(compiled, "MIN_WEIGHTS", 0)  # every whole-block matrix takes the compiled pack
+    codes = torch.randint(0, 16, (192, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1)
+    assert torch.equal(packing.pack_int4(codes, packing.native_layout()), ref)
+    for layout in ("avx512", "scalar32"):  # the interleaved and the paired blocks
+        assert torch.equal(packing.unpack_int4(packing.pack_int4(codes, layout), 192, 96, layout), codes)
 
 
 def test_int8_codes_and_scales_equal_the_formula_in_chunks(monkeypatch):
