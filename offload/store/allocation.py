@@ -82,29 +82,39 @@ def index_bytes(codec: CalibratedCodec, keys: list, kinds: int) -> int:
 
 
 def target_bytes(budget: BitsBudget, source: CheckpointSource, codec: CalibratedCodec, kinds: int) -> int:
-    """The records' bytes the budget allows: its bits over every expert parameter, less the index and, for
-    records long enough to be aligned, the worst padding before each."""
-    n = len(source.keys())
-    params = n * sum(math.prod(s.shape) for s in source.layout.specs)
-    padding = ALIGN if budget.bits * params / n / 8 >= ALIGN_MIN else 0
-    return int(budget.bits * params / 8) - n * padding - index_bytes(codec, source.keys(), kinds)
+    """The records' bytes the budget allows, padding not yet taken off: its bits over every expert parameter,
+    less the index."""
+    params = len(source.keys()) * sum(math.prod(s.shape) for s in source.layout.specs)
+    return int(budget.bits * params / 8) - index_bytes(codec, source.keys(), kinds)
+
+
+def padding(costs: Costs, picks: dict[Key, tuple[int, ...]]) -> int:
+    """The worst alignment padding of records coded at `picks` (candidate indices per matrix): ALIGN before each
+    record that may reach ALIGN_MIN bytes (its measured size within 10%: the record is coded whole, not per
+    matrix)."""
+    sizes = (sum(costs.nbytes[k, m][j] for m, j in zip(MATRICES, js)) for k, js in picks.items())
+    return ALIGN * sum(size >= 0.9 * ALIGN_MIN for size in sizes)
 
 
 def choose(costs: Costs, budget: BitsBudget, source: CheckpointSource, codec: CalibratedCodec) -> Choice:
-    """The allocation within the budget, the index sized for as many record kinds as the choice has (at first
-    one per record, then the count the previous choice used, while that fits)."""
+    """The allocation within the budget, the index sized for as many record kinds as a choice has and the
+    padding for as many aligned records. The first try assumes the most there can be (one kind per record,
+    every record aligned that can be); each next one assumes what the previous choice used. Of the choices
+    that fit what they assumed, the one with the most bytes to spend wins."""
     keys = [tuple(k) for k in source.keys()]
-    kinds, choice = len(keys), None
-    while True:
-        picked = allocate(costs, target_bytes(budget, source, codec, kinds))
-        found = {k: tuple(ZEROS[picked[k, m]] for m in MATRICES) for k in keys}
-        used = len(set(found.values()))
-        if used > kinds:
-            return choice
-        choice = found
-        if used == kinds:
-            return choice
-        kinds = used
+    longest = {k: tuple(max(range(len(ZEROS)), key=costs.nbytes[k, m].__getitem__) for m in MATRICES) for k in keys}
+    assumed, best, tried = (len(keys), padding(costs, longest)), None, set()
+    while assumed not in tried and len(tried) < 8:
+        tried.add(assumed)
+        target = target_bytes(budget, source, codec, assumed[0]) - assumed[1]
+        picked = allocate(costs, target)
+        picks = {k: tuple(picked[k, m] for m in MATRICES) for k in keys}
+        found = {k: tuple(ZEROS[j] for j in js) for k, js in picks.items()}
+        used = (len(set(found.values())), padding(costs, picks))
+        if used[0] <= assumed[0] and used[1] <= assumed[1] and (best is None or target > best[0]):
+            best = (target, found)
+        assumed = used
+    return best[1]
 
 
 def budget_codec(codec: CalibratedCodec, budget: BitsBudget, source: CheckpointSource, store_dir: Path,

@@ -98,3 +98,25 @@ def test_killed_budget_conversion_resumes_byte_identical(tiny_dir, tmp_path, mon
     monkeypatch.setattr(allocation, "measure", lambda *a: pytest.fail("a resume must reuse budget.json"))
     build("resumed")
     assert digest(tmp_path / "resumed") == digest(tmp_path / "clean")
+
+
+def test_budget_holds_where_only_some_records_are_long_enough_to_be_aligned(tiny_dir, tmp_path, text, monkeypatch):
+    """Records of ALIGN_MIN bytes or more start aligned: the padding before the longer records is paid for even
+    where the average record is shorter than ALIGN_MIN."""
+    model_dir = tiny_dir("mixtral")
+    _, arch, source, _ = open_checkpoint(model_dir, torch.bfloat16)
+    per_expert = sum(math.prod(s.shape) for s in source.layout.specs)
+    from offload.store import convert
+    for module in (convert, allocation):  # tiny records: a 256-byte grid, the average record just short of it
+        monkeypatch.setattr(module, "ALIGN", 256)
+        monkeypatch.setattr(module, "ALIGN_MIN", int(1.2 * per_expert / 8) + 1)
+    out = tmp_path / "b"
+    build_store(model_dir, out, bits=BUDGET, progress=False, calibration=str(text))
+    records = json.loads((out / INDEX).read_text())["records"]
+    aligned = [r for r in records if r[5] >= allocation.ALIGN_MIN]
+    assert 0 < len(aligned) < len(records), "some records are aligned, not all"
+    cfg = OffloadConfig(store="disk", store_dir=str(out), bits=BUDGET, calibration=str(text))
+    codec = codec_for(cfg, source, arch)
+    allowed = int(1.2 * len(records) * per_expert / 8) - allocation.index_bytes(codec, source.keys(),
+                                                                                 len({r[2] for r in records}))
+    assert (out / DATA).stat().st_size <= allowed, "records and the padding before them fit the budget"
