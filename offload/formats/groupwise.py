@@ -63,14 +63,17 @@ def _search(g: torch.Tensor, halves: torch.Tensor, top: torch.Tensor, mid: torch
     The clip factors and the code range are tensors, so formats share compiled code (one build per shape)."""
     g = g.float()
     hi, lo = g.amax(-1, keepdim=True), g.amin(-1, keepdim=True)
-    best, least = halves[0].expand_as(hi), None
-    for i in range(halves.shape[0] if halves.shape[0] > 1 else 0):
-        scale, zero = _grid(hi, lo, halves[i], top, mid)
+
+    def error(half: torch.Tensor) -> torch.Tensor:
+        scale, zero = _grid(hi, lo, half, top, mid)
         q = ((g - zero) / scale).round().clamp(-mid, top - mid)
-        err = (q * scale + zero - g).square().sum(-1, keepdim=True)
-        if least is None:
-            least = err
-        else:  # the first candidate of least error wins
+        return (q * scale + zero - g).square().sum(-1, keepdim=True)
+
+    best = halves[0].expand_as(hi)
+    if halves.shape[0] > 1:
+        least = error(halves[0])
+        for i in range(1, halves.shape[0]):  # the first candidate of least error wins
+            err = error(halves[i])
             best, least = torch.where(err < least, halves[i], best), torch.minimum(err, least)
     scale, zero = _grid(hi, lo, best, top, mid)
     codes = ((g - zero) / scale).round().add(mid).clamp(torch.zeros_like(top), top).to(torch.uint8)

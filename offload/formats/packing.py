@@ -52,14 +52,15 @@ def _pack_blocks(c: torch.Tensor) -> torch.Tensor:
     return (c[:, 0] | c[:, 1] << 4).transpose(1, 2).contiguous()
 
 
-def pack_int4(codes: torch.Tensor, layout: str = CANONICAL) -> torch.Tensor:
-    """Codes [N, K] 0..15 -> uint8 [N, K/2] exactly as `_convert_weight_to_int4pack_for_cpu` packs on `layout`."""
+def pack_int4(codes: torch.Tensor, layout: str = CANONICAL, fused: bool = True) -> torch.Tensor:
+    """Codes [N, K] 0..15 -> uint8 [N, K/2] exactly as `_convert_weight_to_int4pack_for_cpu` packs on `layout`;
+    `fused`: a large matrix's whole blocks by the compiled `_pack_blocks` (conversion), else eager."""
     N, K = codes.shape
     full, block, half = _blocks(N, layout)
-    fused = compiled.for_matrix(_pack_blocks, codes) if full == N else None
-    if fused is not None:
+    pack = compiled.for_matrix(_pack_blocks, codes) if fused and full == N else None
+    if pack is not None:
         with compiled.recompiles():
-            return fused(_block_pairs(codes, block, half)).view(N, K // 2)
+            return pack(_block_pairs(codes, block, half)).view(N, K // 2)
     out = torch.empty(N * K // 2, dtype=torch.uint8, device=codes.device)
     step = max(1, PACK_CHUNK // (block * K)) * block  # rows per step: temporaries stay small (no page faults)
     for r in range(0, full, step):
@@ -147,7 +148,7 @@ def relayout_int4(packed: torch.Tensor, N: int, K: int, src: str, dst: str) -> t
     """Kernel bytes in layout `src` -> layout `dst`."""
     if src == dst:
         return packed
-    return pack_int4(unpack_int4(packed, N, K, src), dst)
+    return pack_int4(unpack_int4(packed, N, K, src), dst, fused=False)  # on a miss, maybe a worker thread: no builds
 
 
 @functools.lru_cache(maxsize=None)
