@@ -8,12 +8,14 @@ teacher-forced tokens after the same prompt; the order alternates every round; m
   full              everything
   -expert kernel    the expert records' matmuls (offload.formats.record.qlinear) return zeros; the engine and
                     the expert module's Python and small ops stay
+  -dense kernels    q/k/v/o and lm_head (QuantizedLinear under --dense-bits, else nn.Linear) return zeros
+  -sdpa             the attention function (scaled_dot_product_attention) returns zeros
+  -rope             apply_rotary_pos_emb returns q, k unchanged
+  -rmsnorm          MixtralRMSNorm returns its input
   -experts module   the offloaded experts' forward returns zeros (no engine at all)
-  -attention        MixtralAttention.forward returns zeros (q/k/v/o linears, RoPE, KV cache, SDPA)
   -router           MixtralTopKRouter.forward returns a fixed (logits, weights, index)
-  -lm_head          lm_head returns zeros
-What is left: embedding, RMSNorms, residual adds, decoder-layer / model glue, rotary cos/sin, mask, cache.
-Also generate()'s per-token time against this manual loop.
+What is left: embedding, residual adds, KV cache update, decoder-layer / attention / model glue, rotary
+cos/sin, mask. Also generate()'s per-token time against this manual loop.
 """
 from __future__ import annotations
 
@@ -26,12 +28,14 @@ from collections.abc import Iterator
 
 import torch
 import transformers.models.mixtral.modeling_mixtral as mm
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import offload.formats.record as record
 from offload.bench.peers import PROMPT_TEXT
+from offload.formats.dense_linears import QuantizedLinear
 from offload.model import OffloadedModel
 
-VARIANTS = ["full", "-expert kernel", "-experts module", "-attention", "-router", "-lm_head"]
+VARIANTS = ["full", "-expert kernel", "-dense kernels", "-sdpa", "-rope", "-rmsnorm", "-experts module", "-router"]
 
 
 def main() -> None:
@@ -47,7 +51,6 @@ def main() -> None:
     om = OffloadedModel.from_pretrained(args.model_dir, bits=args.bits, store="disk", store_dir=args.store_dir,
                                         cache_experts="100%", dense_bits=args.dense_bits)
     hf = om.model
-    vocab = hf.config.vocab_size
     ids = om.tokenizer(PROMPT_TEXT, return_tensors="pt").input_ids
     with torch.inference_mode():
         out = om.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
@@ -84,11 +87,20 @@ def main() -> None:
         if level >= 1:
             patch(record, "qlinear", lambda x, r, f, shape: torch.zeros(*x.shape[:-1], int(shape[0]), dtype=x.dtype))
         if level >= 2:
-            patch(experts_cls, "forward", lambda self, h, *a, **k: torch.zeros_like(h))
+            linear = QuantizedLinear if args.dense_bits else torch.nn.Linear
+            patch(linear, "forward", lambda self, x: torch.zeros(*x.shape[:-1], self.out_features, dtype=x.dtype))
         if level >= 3:
-            patch(mm.MixtralAttention, "forward", lambda self, hidden_states, *a, **k:
-                  (torch.zeros_like(hidden_states), None))
+            name = hf.config._attn_implementation
+            saved.append((ALL_ATTENTION_FUNCTIONS, name, ALL_ATTENTION_FUNCTIONS[name]))
+            ALL_ATTENTION_FUNCTIONS[name] = lambda module, q, *a, **k: (q.new_zeros(q.shape[0], q.shape[2], q.shape[1],
+                                                                                    q.shape[3]), None)
         if level >= 4:
+            patch(mm, "apply_rotary_pos_emb", lambda q, k, *a, **kw: (q, k))
+        if level >= 5:
+            patch(mm.MixtralRMSNorm, "forward", lambda self, x: x)
+        if level >= 6:
+            patch(experts_cls, "forward", lambda self, h, *a, **k: torch.zeros_like(h))
+        if level >= 7:
             orig = mm.MixtralTopKRouter.forward
 
             def router(self, h):
@@ -96,13 +108,14 @@ def main() -> None:
                     fixed["r"] = tuple(t.clone() for t in orig(self, h))
                 return fixed["r"]
             patch(mm.MixtralTopKRouter, "forward", router)
-        if level >= 5:
-            patch(hf.lm_head, "forward", lambda x: torch.zeros(*x.shape[:-1], vocab, dtype=x.dtype))
         try:
             yield
         finally:
             for obj, name, old in reversed(saved):
-                setattr(obj, name, old)
+                if obj is ALL_ATTENTION_FUNCTIONS:
+                    obj[name] = old
+                else:
+                    setattr(obj, name, old)
 
     for lvl in range(len(VARIANTS)):  # warm every variant once
         with patched(lvl):
@@ -121,14 +134,12 @@ def main() -> None:
         if r % 2 == 1:
             raw[gen].append(gen_per_token())
     med = {k: statistics.median(v) * 1e3 for k, v in raw.items()}
-    parts = [("expert kernel", med["full"] - med["-expert kernel"]),
-             ("engine + experts module: Python, routing bookkeeping, small ops",
-              med["-expert kernel"] - med["-experts module"]),
-             ("attention (q/k/v/o linears, RoPE, KV cache, SDPA)", med["-experts module"] - med["-attention"]),
-             ("router (gate linear, softmax, top-k)", med["-attention"] - med["-router"]),
-             ("lm_head", med["-router"] - med["-lm_head"]),
-             ("rest: embedding, RMSNorm, residuals, HF glue", med["-lm_head"]),
-             ("generate() on top of the manual loop", med[gen] - med["full"])]
+    names = ["expert kernel", "dense kernels: q/k/v/o and lm_head matmuls", "SDPA", "RoPE", "RMSNorm",
+             "engine + experts module: Python, routing bookkeeping, gate activation, combine",
+             "router (gate linear, softmax, top-k)"]
+    parts = [(n, med[VARIANTS[i]] - med[VARIANTS[i + 1]]) for i, n in enumerate(names)]
+    parts += [("rest: embedding, residuals, KV cache update, HF glue", med[VARIANTS[-1]]),
+              ("generate() on top of the manual loop", med[gen] - med["full"])]
     print(f"\none decode token, median of {args.rounds} rounds: full loop {med['full']:.2f} ms "
           f"({1e3 / med['full']:.1f} tok/s), generate() {med[gen]:.2f} ms; load average after "
           f"{os.getloadavg()[0]:.2f}")
