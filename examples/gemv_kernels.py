@@ -152,8 +152,9 @@ def ort_paths(N: int, K: int, w: torch.Tensor, accuracies=(4, 0)) -> dict[str, t
     p8 = quantize(w, f8)
     b8 = (p8["qweight"].to(torch.int16) + 128).to(torch.uint8).view(N, K // 128, 128).numpy()
     s8 = p8["scales"].float()[:, None].expand(N, K // 128).contiguous().view(-1).numpy()
+    kinds = ((4, b4, s4, dequantize(p4, f4, (N, K))), (8, b8, s8, dequantize(p8, f8, (N, K))))
     for acc in accuracies:
-        for bits, codes, scales, wdq in ((4, b4, s4, dequantize(p4, f4, (N, K))), (8, b8, s8, dequantize(p8, f8, (N, K)))):
+        for bits, codes, scales, wdq in kinds:
             sess = _ort_session(N, K, bits, G if bits == 4 else 128, codes, scales, acc)
 
             def run(x, sess=sess, bits=bits):
